@@ -1,0 +1,1 @@
+"""Triton kernels of lens_fast (installed as lens_fast.kernels)."""

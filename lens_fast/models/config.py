@@ -1,0 +1,69 @@
+"""Model configs: dicts with attribute access that read and write ``config.json``."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+
+class Config(dict):
+    """A ``config.json`` as a dict whose keys are also attributes (as diffusers' FrozenDict)."""
+
+    class_name = ""
+    defaults: Dict[str, Any] = {}
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no key {key!r}") from None
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
+        unknown = sorted(k for k in data if not k.startswith("_") and k not in cls.defaults)
+        if unknown:
+            raise ValueError(f"{source}: unknown config key(s) {unknown}; expected keys from "
+                             f"{sorted(cls.defaults)}")
+        cfg = cls(**{**cls.defaults, **{k: v for k, v in data.items() if not k.startswith("_")}})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "Config":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"missing config file {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=path)
+
+    def to_json_dict(self) -> Dict[str, Any]:
+        return {"_class_name": self.class_name, **{k: self[k] for k in sorted(self)}}
+
+    def validate(self) -> None:
+        pass
+
+
+class LensTransformerConfig(Config):
+    class_name = "LensTransformer2DModel"
+    defaults = dict(patch_size=2, in_channels=128, out_channels=32, num_layers=48, attention_head_dim=64,
+                    num_attention_heads=24, inner_dim=1536, enc_hidden_dim=2880, axes_dims_rope=[8, 28, 28],
+                    gate_mlp=True, rms_norm=True, multi_layer_encoder_feature=True,
+                    selected_layer_index=[5, 11, 17, 23])
+
+    def validate(self) -> None:
+        for key in ("patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                    "enc_hidden_dim"):
+            v = self[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or (key == "num_layers" and v < 0):
+                raise ValueError(f"config {key}={v!r}: expected a positive integer")
+        axes = list(self["axes_dims_rope"])
+        if len(axes) != 3 or any(a % 2 for a in axes) or sum(axes) != self["attention_head_dim"]:
+            raise ValueError(f"config axes_dims_rope={axes}: expected three even sizes summing to "
+                             f"attention_head_dim={self['attention_head_dim']}")
+        if not self["selected_layer_index"]:
+            raise ValueError("config selected_layer_index is empty; expected the text-encoder layers to use")

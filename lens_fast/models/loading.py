@@ -1,0 +1,194 @@
+"""Checkpoint I/O for lens_fast models: safetensors only (never unpickling).
+
+``from_pretrained`` builds the model on the meta device and materialises every
+parameter straight from the (single or sharded) safetensors file, so no second copy of
+the weights exists in memory. ``save_pretrained`` writes atomically and never
+overwrites an existing checkpoint unless asked to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)} or a torch.dtype")
+
+
+def find_weight_files(folder: str, weights_name: str) -> Tuple[list, Optional[Dict[str, str]]]:
+    """The safetensors file(s) of a model folder and, when sharded, the key -> file map."""
+    single = os.path.join(folder, weights_name + ".safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing from {folder}: {missing}")
+        return [os.path.join(folder, f) for f in files], weight_map
+    if os.path.isfile(single):
+        return [single], None
+    if any(n.endswith(".bin") or n.endswith(".pt") for n in os.listdir(folder)):
+        raise FileNotFoundError(f"{folder} has no {weights_name}.safetensors; lens_fast loads safetensors only "
+                                "and never unpickles .bin/.pt files")
+    raise FileNotFoundError(f"{folder} has neither {weights_name}.safetensors nor "
+                            f"{weights_name}.safetensors.index.json")
+
+
+def iter_safetensors(files: Iterable[str], device="cpu"):
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    yield path, key, f.get_slice(key).get_shape(), lambda f=f, key=key: f.get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"corrupt safetensors file {path}: {e}") from None
+        except OSError as e:
+            raise ValueError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def load_state_dict_into(model: torch.nn.Module, files, dtype: Optional[torch.dtype], device="cpu",
+                         strict: bool = True) -> None:
+    """Check names and shapes against ``model`` (possibly on meta), then assign tensors
+    read from ``files`` (cast to ``dtype``) without a second copy."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {}
+    tensors = {}
+    wrong = []
+    for path, key, shape, get in iter_safetensors(files, device):
+        found[key] = path
+        if key in expected and tuple(shape) != expected[key]:
+            wrong.append(f"{key}: file has {tuple(shape)}, model expects {expected[key]}")
+            continue
+        if key in expected:
+            try:
+                t = get()
+            except SafetensorError as e:
+                raise ValueError(f"corrupt safetensors file {path} (tensor {key}): {e}") from None
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            tensors[key] = t
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:8]}"
+                        f"{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append(f"shape mismatches ({len(wrong)}): {wrong[:8]}")
+    if problems and (strict or wrong):
+        raise ValueError(f"checkpoint {sorted(set(found.values()))} does not match {type(model).__name__}: "
+                         + "; ".join(problems))
+    model.load_state_dict(tensors, strict=strict, assign=True)
+
+
+def atomic_write_folder(target: str, write_fn, overwrite: bool, stale_prefix: Optional[str] = None) -> None:
+    """Write a folder's files into a temp dir beside ``target`` then move them in."""
+    os.makedirs(target, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=target)
+    try:
+        write_fn(tmp)
+        names = os.listdir(tmp)
+        clashes = [n for n in names if os.path.exists(os.path.join(target, n))]
+        if clashes and not overwrite:
+            raise FileExistsError(f"{target} already holds {clashes}; pass overwrite=True to replace them")
+        if overwrite and stale_prefix:
+            # A replaced checkpoint must not leave shards (or an index) of the old one behind.
+            for n in os.listdir(target):
+                if n.startswith(stale_prefix) and n not in names and os.path.isfile(os.path.join(target, n)):
+                    os.remove(os.path.join(target, n))
+        for n in names:
+            os.replace(os.path.join(tmp, n), os.path.join(target, n))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ModelLoadingMixin:
+    """``from_pretrained`` / ``save_pretrained`` for a module with a ``config_class``."""
+
+    config_class = None
+    weights_name = "diffusion_pytorch_model"
+
+    @classmethod
+    def _resolve_folder(cls, folder: str, subfolder: Optional[str]) -> str:
+        folder = os.fspath(folder)
+        if subfolder:
+            folder = os.path.join(folder, subfolder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"model folder {folder} does not exist")
+        if not os.path.isfile(os.path.join(folder, "config.json")) and \
+                os.path.isfile(os.path.join(folder, "model_index.json")) and \
+                os.path.isdir(os.path.join(folder, "transformer")):
+            folder = os.path.join(folder, "transformer")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str, subfolder: Optional[str] = None, torch_dtype=None,
+                        device="cpu", **overrides):
+        """Load ``config.json`` + safetensors weights (single file or sharded)."""
+        folder = cls._resolve_folder(folder, subfolder)
+        dtype = resolve_dtype(torch_dtype)
+        config = cls.config_class.from_json_file(os.path.join(folder, "config.json"))
+        config.update(overrides)
+        files, _ = find_weight_files(folder, cls.weights_name)
+        with torch.device("meta"):
+            model = cls(**config)
+        load_state_dict_into(model, files, dtype, device=device)
+        for name, buf in list(model.named_buffers()):
+            if buf.is_meta:
+                raise RuntimeError(f"buffer {name} was not materialised from the checkpoint")
+        return model.eval()
+
+    def save_pretrained(self, folder: str, max_shard_size: Optional[int] = None, overwrite: bool = False,
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write ``config.json`` and ``<weights_name>.safetensors`` (sharded above
+        ``max_shard_size`` bytes, with an ``.index.json``) atomically."""
+        sd = state_dict if state_dict is not None else self.state_dict()
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+        config = dict(self.config.to_json_dict())
+
+        def write(tmp):
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+            if max_shard_size is None or sum(t.numel() * t.element_size() for t in sd.values()) <= max_shard_size:
+                save_file(sd, os.path.join(tmp, self.weights_name + ".safetensors"), metadata={"format": "pt"})
+                return
+            shards, cur, size = [], {}, 0
+            for k in sorted(sd):
+                nbytes = sd[k].numel() * sd[k].element_size()
+                if cur and size + nbytes > max_shard_size:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[k] = sd[k]
+                size += nbytes
+            shards.append(cur)
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"{self.weights_name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            with open(os.path.join(tmp, self.weights_name + ".safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+        atomic_write_folder(os.fspath(folder), write, overwrite, stale_prefix=self.weights_name)

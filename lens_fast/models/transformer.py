@@ -1,0 +1,316 @@
+"""LensTransformer2DModel: the Lens dual-stream MMDiT in plain PyTorch modules.
+
+Module names mirror the official checkpoint, so ``state_dict()`` speaks the official key
+names. The glue between GEMMs goes through ``lens_fast.ops.fused`` (fused kernels when
+the backend allows, the reference math under ``LENS_FAST_BACKEND=torch``), attention
+through ``lens_fast.ops.attention.joint_attention``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import fused
+from ..ops.attention import joint_attention
+from ..ops.reference import rope_table_ref, timestep_embedding_ref
+from .config import LensTransformerConfig
+from .loading import ModelLoadingMixin
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class Transformer2DModelOutput:
+    sample: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with weight; statistics in float32 (diffusers semantics)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return fused.rms_norm(x, self.weight, self.eps)
+
+
+class GateMLP(nn.Module):
+    """SwiGLU ``w2(silu(w1 x) * w3 x)``, no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(fused.silu_mul(self.w1(x), self.w3(x)))
+
+
+class GeluProj(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """The non-gated MLP variant (``gate_mlp=False``): diffusers' gelu-approximate
+    FeedForward with its key names ``net.0.proj`` / ``net.2``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([GeluProj(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x):
+        for m in self.net:
+            x = m(x)
+        return x
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_channels, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class LensTimestepProjEmbeddings(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(256, dim)
+
+    def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(timestep_embedding_ref(sigma, 256).to(dtype))
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """Output head: LayerNorm (no affine) modulated by ``Linear(SiLU(temb))`` -> (scale, shift)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, temb):
+        emb = self.linear(F.silu(temb).to(x.dtype))
+        scale, shift = emb.chunk(2, dim=1)
+        return fused.layer_norm_modulate(x, shift, scale, self.eps)
+
+
+class LensJointAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.eps = heads, head_dim, eps
+        self.norm_q = RMSNorm(head_dim, eps)
+        self.norm_k = RMSNorm(head_dim, eps)
+        self.norm_added_q = RMSNorm(head_dim, eps)
+        self.norm_added_k = RMSNorm(head_dim, eps)
+        self.img_qkv = nn.Linear(dim, 3 * inner)
+        self.txt_qkv = nn.Linear(dim, 3 * inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+        self.to_add_out = nn.Linear(inner, dim)
+
+    def forward(self, img, txt, rope, txt_mask):
+        n = img.shape[1]
+        q, k, v = fused.qk_norm_rope(self.img_qkv(img), self.txt_qkv(txt), self.heads,
+                                     self.norm_q.weight, self.norm_k.weight,
+                                     self.norm_added_q.weight, self.norm_added_k.weight,
+                                     rope, self.eps)
+        out = joint_attention(q, k, v, txt_mask, n_img=n).flatten(2).to(q.dtype)
+        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
+
+
+class LensTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, rms_norm: bool, gate_mlp: bool,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.attn = LensJointAttention(dim, heads, head_dim, eps)
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        norm = (lambda: RMSNorm(dim, eps)) if rms_norm else (lambda: nn.LayerNorm(dim, eps, elementwise_affine=False))
+        mlp = (lambda: GateMLP(dim, int(dim / 3 * 8))) if gate_mlp else (lambda: FeedForward(dim))
+        self.img_norm1, self.img_norm2, self.img_mlp = norm(), norm(), mlp()
+        self.txt_norm1, self.txt_norm2, self.txt_mlp = norm(), norm(), mlp()
+
+    def _norm_mod(self, norm, x, shift, scale):
+        if isinstance(norm, RMSNorm):
+            return fused.rms_norm_modulate(x, norm.weight, shift, scale, self.eps)
+        return norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    def _residual_norm_mod(self, norm, x, y, gate, shift, scale):
+        if isinstance(norm, RMSNorm):
+            return fused.gated_residual_rms_norm_modulate(x, y, gate, norm.weight, shift, scale, self.eps)
+        x = x + gate.unsqueeze(1) * y
+        return x, self._norm_mod(norm, x, shift, scale)
+
+    def forward(self, img, txt, temb, rope, txt_mask):
+        i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self.img_mod(temb).chunk(6, dim=-1)
+        t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self.txt_mod(temb).chunk(6, dim=-1)
+        img_attn, txt_attn = self.attn(self._norm_mod(self.img_norm1, img, i_sh1, i_sc1),
+                                       self._norm_mod(self.txt_norm1, txt, t_sh1, t_sc1), rope, txt_mask)
+        img, img_h = self._residual_norm_mod(self.img_norm2, img, img_attn, i_g1, i_sh2, i_sc2)
+        txt, txt_h = self._residual_norm_mod(self.txt_norm2, txt, txt_attn, t_g1, t_sh2, t_sc2)
+        img = img + i_g2.unsqueeze(1) * self.img_mlp(img_h)
+        txt = txt + t_g2.unsqueeze(1) * self.txt_mlp(txt_h)
+        if txt.dtype == torch.float16:
+            txt = txt.clip(-FP16_MAX, FP16_MAX)
+        if img.dtype == torch.float16:
+            img = img.clip(-FP16_MAX, FP16_MAX)
+        return img, txt
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_rope(h: int, w: int, txt_len: int, axes: Tuple[int, ...], device: torch.device):
+    return rope_table_ref(h, w, txt_len, axes, device=device)
+
+
+class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
+    """The Lens denoiser. Constructor keys are the official ``config.json`` keys; the
+    defaults are the official 48-layer configuration (4.104e9 parameters)."""
+
+    config_class = LensTransformerConfig
+    weights_name = "diffusion_pytorch_model"
+
+    def __init__(self, patch_size: int = 2, in_channels: int = 128, out_channels: Optional[int] = 32,
+                 num_layers: int = 48, attention_head_dim: int = 64, num_attention_heads: int = 24,
+                 inner_dim: Optional[int] = 1536, enc_hidden_dim: int = 2880,
+                 axes_dims_rope: Sequence[int] = (8, 28, 28), gate_mlp: bool = True, rms_norm: bool = True,
+                 multi_layer_encoder_feature: bool = True,
+                 selected_layer_index: Sequence[int] = (5, 11, 17, 23)):
+        super().__init__()
+        self.config = LensTransformerConfig(
+            patch_size=patch_size, in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
+            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+            inner_dim=inner_dim, enc_hidden_dim=enc_hidden_dim, axes_dims_rope=list(axes_dims_rope),
+            gate_mlp=gate_mlp, rms_norm=rms_norm, multi_layer_encoder_feature=multi_layer_encoder_feature,
+            selected_layer_index=list(selected_layer_index))
+        self.config.validate()
+        dim = num_attention_heads * attention_head_dim  # inner dim is always heads x head_dim
+        self.inner_dim = dim
+        self.out_channels = out_channels or in_channels
+        self.num_text_layers = len(selected_layer_index) if multi_layer_encoder_feature else 1
+        self.time_text_embed = LensTimestepProjEmbeddings(dim)
+        if multi_layer_encoder_feature:
+            self.txt_norm = nn.ModuleList([RMSNorm(enc_hidden_dim, 1e-5) for _ in selected_layer_index])
+        else:
+            self.txt_norm = RMSNorm(enc_hidden_dim, 1e-5)
+        self.txt_in = nn.Linear(enc_hidden_dim * self.num_text_layers, dim)
+        self.img_in = nn.Linear(in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [LensTransformerBlock(dim, num_attention_heads, attention_head_dim, rms_norm, gate_mlp)
+             for _ in range(num_layers)])
+        self.norm_out = AdaLayerNormContinuous(dim, 1e-6)
+        self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
+        self.gradient_checkpointing = False
+        # The reference applies the text mask in the FIRST block only: its blocks pop
+        # "attention_mask" from one kwargs dict shared by all of them, so blocks 1..L-1
+        # attend to padded text tokens too. The official numbers (and the conformance
+        # data) come from that behaviour, so it is the default. True masks every block
+        # (what lens-reference.md describes); it changes outputs wherever text is padded.
+        self.mask_every_block = False
+
+    # -- conveniences users of diffusers expect ---------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def enable_gradient_checkpointing(self):
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self):
+        self.gradient_checkpointing = False
+
+    def rope_table(self, h: int, w: int, txt_len: int, device) -> torch.Tensor:
+        """The RoPE table of the joint sequence, cached per (h, w, text length, device)."""
+        return _cached_rope(h, w, txt_len, tuple(self.config.axes_dims_rope), torch.device(device))
+
+    # -- inputs ----------------------------------------------------------------------
+    def _check_inputs(self, hidden_states, encoder_hidden_states, mask, timestep, img_shapes):
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.in_channels:
+            raise ValueError(f"hidden_states must be [B, N, {self.config.in_channels}], "
+                             f"got {tuple(hidden_states.shape)}")
+        b, n, _ = hidden_states.shape
+        if self.config.multi_layer_encoder_feature:
+            if not isinstance(encoder_hidden_states, (list, tuple)):
+                raise ValueError("encoder_hidden_states must be a list of "
+                                 f"{self.num_text_layers} text-feature tensors (multi_layer_encoder_feature=True), "
+                                 f"got {type(encoder_hidden_states).__name__}")
+            feats = list(encoder_hidden_states)
+        else:
+            feats = list(encoder_hidden_states) if isinstance(encoder_hidden_states, (list, tuple)) \
+                else [encoder_hidden_states]
+        if len(feats) != self.num_text_layers:
+            raise ValueError(f"expected {self.num_text_layers} text-feature tensors "
+                             f"(one per selected_layer_index {self.config.selected_layer_index}), got {len(feats)}")
+        s = feats[0].shape[1] if feats[0].dim() == 3 else -1
+        for i, f in enumerate(feats):
+            if f.dim() != 3 or f.shape[0] != b or f.shape[1] != s or f.shape[2] != self.config.enc_hidden_dim:
+                raise ValueError(f"text feature {i} must be [B={b}, S, {self.config.enc_hidden_dim}] with the same S "
+                                 f"for every layer, got {tuple(f.shape)}")
+        if mask is not None and tuple(mask.shape) != (b, s):
+            raise ValueError(f"encoder_hidden_states_mask must be [B, S] = [{b}, {s}], got {tuple(mask.shape)}")
+        if timestep is None or timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, b)):
+            raise ValueError(f"timestep must be a [B={b}] tensor of sigmas, got "
+                             f"{None if timestep is None else tuple(timestep.shape)}")
+        if img_shapes is None:
+            raise ValueError("img_shapes is required: [(1, h, w)] with h * w = N")
+        shapes = [tuple(int(v) for v in s_) for s_ in img_shapes]
+        if any(sh != shapes[0] for sh in shapes):
+            raise ValueError(f"all images in a batch must share one shape, got img_shapes={shapes}")
+        f_, h, w = shapes[0]
+        if f_ != 1 or h * w != n:
+            raise ValueError(f"img_shapes {shapes[0]} must be (1, h, w) with h*w = N = {n}")
+        return feats, (h, w)
+
+    def forward(self, hidden_states: torch.Tensor,
+                encoder_hidden_states: Union[List[torch.Tensor], torch.Tensor] = None,
+                encoder_hidden_states_mask: Optional[torch.Tensor] = None,
+                timestep: torch.Tensor = None,
+                img_shapes: Optional[Sequence[Tuple[int, int, int]]] = None,
+                attention_kwargs: Optional[dict] = None,
+                return_dict: bool = True):
+        feats, (h, w) = self._check_inputs(hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                           timestep, img_shapes)
+        b = hidden_states.shape[0]
+        mask = encoder_hidden_states_mask
+        if mask is not None:
+            mask = mask.to(device=hidden_states.device, dtype=torch.bool)
+        img = self.img_in(hidden_states)
+        sigma = timestep.to(img.dtype).reshape(-1).expand(b)
+        if self.config.multi_layer_encoder_feature:
+            txt = torch.cat([norm(f) for norm, f in zip(self.txt_norm, feats)], dim=-1)
+        else:
+            txt = self.txt_norm(feats[0])
+        txt = self.txt_in(txt)
+        temb = self.time_text_embed(sigma, img.dtype)
+        rope = self.rope_table(h, w, txt.shape[1], img.device)
+        for i, block in enumerate(self.transformer_blocks):
+            block_mask = mask if (i == 0 or self.mask_every_block) else None
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                img, txt = checkpoint(block, img, txt, temb, rope, block_mask, use_reentrant=False)
+            else:
+                img, txt = block(img, txt, temb, rope, block_mask)
+        out = self.proj_out(self.norm_out(img, temb))
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)

@@ -1,0 +1,1 @@
+"""The lens_fast trainer (installed as lens_fast.train)."""
