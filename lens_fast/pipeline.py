@@ -111,7 +111,14 @@ class LensPipeline:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str, torch_dtype=None, device="cpu", variant: Optional[str] = None,
-                        template_date: Optional[str] = None, text_encoder_dtype=None):
+                        template_date: Optional[str] = None, text_encoder_dtype=None,
+                        quantization: Optional[str] = None):
+        """Load every component of a checkpoint folder. ``variant`` (lens, lens-turbo,
+        lens-base) sets the recommended steps/guidance; by default it is read from
+        ``model_index.json`` (``_lens_variant``) or the folder name. ``quantization="fp8"``
+        turns on the opt-in FP8 linear layers (``lens_fast.quant``)."""
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization={quantization!r}; expected None or 'fp8'")
         folder = os.fspath(folder)
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
@@ -149,7 +156,25 @@ class LensPipeline:
         if variant is None:
             variant = index.get("_lens_variant") or ("lens-turbo" if "turbo" in os.path.basename(
                 os.path.normpath(folder)).lower() else "lens")
-        return cls(transformer, vae, text_encoder, scheduler_config, variant=variant)
+        pipe = cls(transformer, vae, text_encoder, scheduler_config, variant=variant)
+        if quantization is not None:
+            from .quant import apply_quantization
+
+            apply_quantization(pipe, quantization)
+        return pipe
+
+    def enable_fast_path(self, **kwargs):
+        """Switch to the inference engine (fused ops, compiled blocks, CUDA graphs);
+        same arguments and results within bf16 noise. See ``lens_fast.engine``."""
+        from .engine import enable_fast_path
+
+        return enable_fast_path(self, **kwargs)
+
+    def enable_text_encoder_offload(self):
+        """Keep the text encoder on the CPU between encodings."""
+        from .engine import enable_text_encoder_offload
+
+        return enable_text_encoder_offload(self)
 
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
