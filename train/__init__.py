@@ -1,1 +1,56 @@
-"""The lens_fast trainer (installed as lens_fast.train)."""
+"""The lens_fast trainer (installed as ``lens_fast.train``): Lens pre-training and
+fine-tuning on one process or many (torchrun), FSDP2 + bf16, EMA, resumable data and
+checkpoints.
+
+Command line: ``lens-fast train --config NAME_OR_FILE [--out DIR] [--resume]
+[--max-steps N] [--set section.key=value ...]`` (``python -m lens_fast.train`` is the
+same; put ``torchrun --nproc_per_node G [--nnodes ...]`` in front for many GPUs).
+Registered configs: ``stage1``, ``stage2``, ``finetune``, ``tiny-cpu``
+(``lens_fast.train.config``).
+
+In Python::
+
+    from lens_fast.train import Trainer, load_config, InMemorySource, BucketData
+    cfg = load_config("tiny-cpu"); cfg.override(["train.max_steps=500"])
+    trainer = Trainer(cfg, model=my_model, data=my_source, out_dir=None, callbacks=[...])
+    result = trainer.train()          # TrainResult: losses per step, throughput, MFU
+    ema = trainer.ema_model()         # plain model with the EMA weights, for sampling
+    tokens = trainer.sample(text, mask, grid, steps=20, guidance=4.0)
+
+The DataSource protocol
+-----------------------
+Anything with these methods feeds the trainer::
+
+    batch(step: int, data_rank: int, data_world: int) -> Batch
+    state_dict() -> dict          # JSON-serialisable position after the last batch returned
+    load_state_dict(state: dict) -> None
+    preview(n: int) -> Batch      # optional: a fixed batch for sample grids (consumes nothing)
+    close() -> None               # optional
+
+``Batch`` (``lens_fast.train.data``) holds one bucket: ``latents`` [B, N, C] clean
+normalised tokens, ``text`` a list of K [B, S, E] features, ``text_mask`` [B, S] bool,
+``grid`` (h, w) with h * w = N, and ``skipped`` (samples dropped while building it).
+``data_rank`` = rank x grad_accum + micro-batch index and ``data_world`` = ranks x
+grad_accum: a source must return the same batch for the same (step, data_rank,
+data_world) whatever the number of processes, and after ``load_state_dict`` of a
+saved position, so that runs are reproducible and resumable. Each data rank picks its
+own bucket per step; batch sizes may differ per bucket (every rank's loss counts
+equally in the gradient average). The loss-side randomness (sigmas, noise, caption
+dropout) is drawn by the trainer from (seed, step, data_rank).
+
+Sources here: ``InMemorySource`` (tokens + features per bucket in memory, or a cache
+folder via ``load_cache``/``save_cache``), ``SyntheticSource`` (tiny-cpu, benchmarks),
+``EncodedSource(WebDatasetSource(...), vae, text_encoder)`` (tar shards through the
+frozen encoders).
+"""
+from .buckets import Bucket, BucketTable, bucket_size
+from .config import REGISTRY, ConfigError, TrainConfig, load_config
+from .data import (Batch, BucketData, EncodedSource, InMemorySource, PixelSpace, RawBatch, SyntheticSource,
+                   load_cache, save_cache)
+from .loss import flow_matching_loss, logit_normal_mu
+from .trainer import Callback, Trainer, TrainResult
+
+__all__ = ["Trainer", "TrainResult", "Callback", "TrainConfig", "ConfigError", "load_config", "REGISTRY",
+           "Batch", "BucketData", "InMemorySource", "SyntheticSource", "EncodedSource", "RawBatch", "PixelSpace",
+           "load_cache", "save_cache", "Bucket", "BucketTable", "bucket_size", "flow_matching_loss",
+           "logit_normal_mu"]

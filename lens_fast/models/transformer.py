@@ -43,16 +43,61 @@ class RMSNorm(nn.Module):
 
 
 class GateMLP(nn.Module):
-    """SwiGLU ``w2(silu(w1 x) * w3 x)``, no biases."""
+    """SwiGLU ``w2(silu(w1 x) * w3 x)``, no biases.
+
+    ``fuse()`` (inference; see ``LensTransformer2DModel.fuse_projections``) replaces w1
+    and w3 by one Linear ``w13`` holding [w1; w3], so both projections run as one GEMM
+    followed by the fused ``swiglu`` kernel. ``state_dict()`` / ``load_state_dict()``
+    keep speaking the official ``w1.weight`` / ``w3.weight`` keys either way (state-dict
+    hooks), so checkpoints never see ``w13``. Training keeps w1 and w3 separate (FSDP2
+    shards the plain modules; ``silu_mul`` fuses the activation there).
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
+        self.hidden = hidden
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.register_state_dict_post_hook(_emit_w1_w3)
+        self.register_load_state_dict_pre_hook(_read_w1_w3)
+
+    @property
+    def fused(self) -> bool:
+        return "w13" in self._modules
+
+    def fuse(self) -> "GateMLP":
+        """One [2*hidden, dim] weight for w1 and w3. Idempotent."""
+        if self.fused:
+            return self
+        w1, w3 = self.w1.weight, self.w3.weight
+        w13 = nn.Linear(w1.shape[1], 2 * self.hidden, bias=False, device="meta")
+        w13.weight = nn.Parameter(torch.cat([w1.detach(), w3.detach()], 0), requires_grad=w1.requires_grad)
+        del self.w1, self.w3
+        self.w13 = w13
+        return self
 
     def forward(self, x):
+        if self.fused:
+            return self.w2(fused.swiglu(self.w13(x)))
         return self.w2(fused.silu_mul(self.w1(x), self.w3(x)))
+
+
+def _emit_w1_w3(module: GateMLP, state_dict, prefix, local_metadata) -> None:
+    """state_dict of a fused GateMLP: the official w1/w3 keys, as views of w13 (disjoint
+    row ranges of one storage, which safetensors saves without copies)."""
+    if module.fused:
+        w13 = state_dict.pop(prefix + "w13.weight").detach()
+        state_dict[prefix + "w1.weight"] = w13[:module.hidden]
+        state_dict[prefix + "w3.weight"] = w13[module.hidden:]
+
+
+def _read_w1_w3(module: GateMLP, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                error_msgs) -> None:
+    """load_state_dict into a fused GateMLP from the official w1/w3 keys."""
+    k1, k3 = prefix + "w1.weight", prefix + "w3.weight"
+    if module.fused and k1 in state_dict and k3 in state_dict:
+        state_dict[prefix + "w13.weight"] = torch.cat([state_dict.pop(k1), state_dict.pop(k3)], 0)
 
 
 class GeluProj(nn.Module):
@@ -159,20 +204,49 @@ class LensTransformerBlock(nn.Module):
         x = x + gate.unsqueeze(1) * y
         return x, self._norm_mod(norm, x, shift, scale)
 
-    def forward(self, img, txt, temb, rope, txt_mask):
-        i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self.img_mod(temb).chunk(6, dim=-1)
-        t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self.txt_mod(temb).chunk(6, dim=-1)
-        img_attn, txt_attn = self.attn(self._norm_mod(self.img_norm1, img, i_sh1, i_sc1),
-                                       self._norm_mod(self.txt_norm1, txt, t_sh1, t_sc1), rope, txt_mask)
+    # The block in four steps, so the model's loop can fuse one block's exit with the
+    # next block's entry (``exit_into``); ``forward`` runs them in turn.
+    def modulation(self, temb):
+        """(image, text) modulation, each (shift1, scale1, gate1, shift2, scale2, gate2) [B, dim]."""
+        return self.img_mod(temb).chunk(6, dim=-1), self.txt_mod(temb).chunk(6, dim=-1)
+
+    def entry(self, img, txt, mods):
+        """norm1 + modulate of both streams: the attention inputs."""
+        (i_sh1, i_sc1, *_), (t_sh1, t_sc1, *_) = mods
+        return self._norm_mod(self.img_norm1, img, i_sh1, i_sc1), self._norm_mod(self.txt_norm1, txt, t_sh1, t_sc1)
+
+    def body(self, img, txt, img_in, txt_in, mods, rope, txt_mask):
+        """Attention, its gated residual fused with norm2, the MLPs. Returns the streams and
+        the MLP outputs whose gated residual is still to be added."""
+        (_, _, i_g1, i_sh2, i_sc2, _), (_, _, t_g1, t_sh2, t_sc2, _) = mods
+        img_attn, txt_attn = self.attn(img_in, txt_in, rope, txt_mask)
         img, img_h = self._residual_norm_mod(self.img_norm2, img, img_attn, i_g1, i_sh2, i_sc2)
         txt, txt_h = self._residual_norm_mod(self.txt_norm2, txt, txt_attn, t_g1, t_sh2, t_sc2)
-        img = img + i_g2.unsqueeze(1) * self.img_mlp(img_h)
-        txt = txt + t_g2.unsqueeze(1) * self.txt_mlp(txt_h)
+        return img, txt, self.img_mlp(img_h), self.txt_mlp(txt_h)
+
+    def exit(self, img, txt, img_mlp, txt_mlp, mods):
+        img = img + mods[0][5].unsqueeze(1) * img_mlp
+        txt = txt + mods[1][5].unsqueeze(1) * txt_mlp
         if txt.dtype == torch.float16:
             txt = txt.clip(-FP16_MAX, FP16_MAX)
         if img.dtype == torch.float16:
             img = img.clip(-FP16_MAX, FP16_MAX)
         return img, txt
+
+    def exit_into(self, nxt: "LensTransformerBlock", img, txt, img_mlp, txt_mlp, mods, next_mods):
+        """``exit`` fused with ``nxt.entry``: one pass per stream adds the MLP residual and
+        computes the next norm1 (``gated_residual_rms_norm_modulate``). Not for float16,
+        whose clamp sits between the two. Returns (img, txt, img_in, txt_in) for ``nxt.body``."""
+        (i_sh1, i_sc1, *_), (t_sh1, t_sc1, *_) = next_mods
+        img, img_in = nxt._residual_norm_mod(nxt.img_norm1, img, img_mlp, mods[0][5], i_sh1, i_sc1)
+        txt, txt_in = nxt._residual_norm_mod(nxt.txt_norm1, txt, txt_mlp, mods[1][5], t_sh1, t_sc1)
+        return img, txt, img_in, txt_in
+
+    def forward(self, img, txt, temb, rope, txt_mask):
+        mods = self.modulation(temb)
+        img_in, txt_in = self.entry(img, txt, mods)
+        img, txt, img_mlp, txt_mlp = self.body(img, txt, img_in, txt_in, mods, rope, txt_mask)
+        return self.exit(img, txt, img_mlp, txt_mlp, mods)
 
 
 @functools.lru_cache(maxsize=64)
@@ -240,6 +314,44 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
     def disable_gradient_checkpointing(self):
         self.gradient_checkpointing = False
 
+    def fuse_projections(self) -> "LensTransformer2DModel":
+        """Inference layout: every SwiGLU's w1 and w3 become one [2F, dim] weight (one GEMM
+        + the fused ``swiglu`` kernel). Explicit and idempotent; ``state_dict()``,
+        ``save_pretrained`` and ``load_state_dict`` keep the official w1/w3 keys. Training
+        keeps w1/w3 separate: do not call it on a model that FSDP2 will shard."""
+        for module in self.modules():
+            if isinstance(module, GateMLP):
+                module.fuse()
+        return self
+
+    # -- block loop ---------------------------------------------------------------------
+    def _can_chain_blocks(self, img, txt) -> bool:
+        """Whether the loop may fuse each block's exit with the next block's entry. That
+        calls block methods directly, so only plain blocks qualify (FSDP2, checkpoint
+        wrappers, hooks and ``Module.compile`` act on ``__call__`` and would be bypassed);
+        not under per-block gradient checkpointing, nor in float16 (the per-block clamp)."""
+        if torch.float16 in (img.dtype, txt.dtype) or (torch.is_grad_enabled() and self.gradient_checkpointing):
+            return False
+        return all(type(b) is LensTransformerBlock and not b._forward_hooks and not b._forward_pre_hooks
+                   and getattr(b, "_compiled_call_impl", None) is None for b in self.transformer_blocks)
+
+    def _chained_blocks(self, img, txt, temb, rope, mask):
+        """All blocks, block i's MLP residual fused with block i+1's norm1: the same math
+        as calling the blocks in turn, one read of each stream fewer per block."""
+        blocks = list(self.transformer_blocks)
+        if not blocks:
+            return img, txt
+        mods = blocks[0].modulation(temb)
+        img_in, txt_in = blocks[0].entry(img, txt, mods)
+        for i, block in enumerate(blocks):
+            block_mask = mask if (i == 0 or self.mask_every_block) else None
+            img, txt, img_mlp, txt_mlp = block.body(img, txt, img_in, txt_in, mods, rope, block_mask)
+            if i + 1 == len(blocks):
+                return block.exit(img, txt, img_mlp, txt_mlp, mods)
+            next_mods = blocks[i + 1].modulation(temb)
+            img, txt, img_in, txt_in = block.exit_into(blocks[i + 1], img, txt, img_mlp, txt_mlp, mods, next_mods)
+            mods = next_mods
+
     def rope_table(self, h: int, w: int, txt_len: int, device) -> torch.Tensor:
         """The RoPE table of the joint sequence, cached per (h, w, text length, device)."""
         return _cached_rope(h, w, txt_len, tuple(self.config.axes_dims_rope), torch.device(device))
@@ -304,12 +416,15 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         txt = self.txt_in(txt)
         temb = self.time_text_embed(sigma, img.dtype)
         rope = self.rope_table(h, w, txt.shape[1], img.device)
-        for i, block in enumerate(self.transformer_blocks):
-            block_mask = mask if (i == 0 or self.mask_every_block) else None
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                img, txt = checkpoint(block, img, txt, temb, rope, block_mask, use_reentrant=False)
-            else:
-                img, txt = block(img, txt, temb, rope, block_mask)
+        if self._can_chain_blocks(img, txt):
+            img, txt = self._chained_blocks(img, txt, temb, rope, mask)
+        else:
+            for i, block in enumerate(self.transformer_blocks):
+                block_mask = mask if (i == 0 or self.mask_every_block) else None
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    img, txt = checkpoint(block, img, txt, temb, rope, block_mask, use_reentrant=False)
+                else:
+                    img, txt = block(img, txt, temb, rope, block_mask)
         out = self.proj_out(self.norm_out(img, temb))
         if not return_dict:
             return (out,)

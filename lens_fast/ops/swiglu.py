@@ -1,0 +1,182 @@
+"""SwiGLU's activation as custom ops.
+
+- ``lens_fast::silu_mul(a, b)``: ``silu(a) * b`` for separate w1 / w3 GEMM outputs (the
+  training layout, where FSDP2 shards w1 and w3 as they are).
+- ``lens_fast::swiglu(h)``: the same on the two halves of one fused [.., 2F] w1|w3 GEMM
+  output (the inference layout after ``fuse_projections``); its backward returns one
+  [.., 2F] gradient, which is what the fused GEMM's backward consumes, with no cat.
+Backends: ``triton`` (kernels/swiglu.py) -> ``torch`` (``silu_mul_ref``, exactly). A
+CUDA C++ version would not beat Triton on a purely elementwise op, so there is none.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .kernel_utils import empty, no_alias, one_float_dtype, runs_reference, triton_kernels
+from .reference import silu_mul_ref
+
+OPS = ("silu_mul", "swiglu")
+BACKWARD_OPS = ("silu_mul_backward", "swiglu_backward")
+
+
+def _rows(t: Tensor) -> Tensor:
+    """[R, F] view (copy only if the layout cannot be viewed so) with a unit last stride."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
+
+
+def _launch_fwd(a2: Tensor, b2: Tensor, out2: Tensor) -> None:
+    kern = triton_kernels("swiglu")
+    rows, f = a2.shape
+    if rows == 0 or f == 0:
+        return
+    tile_rows, block_f, warps = kern.config(f, not a2.is_cuda)
+    grid = (-(-rows // tile_rows), -(-f // block_f))
+    kern.silu_mul_fwd_kernel[grid](a2, b2, out2, rows, f, a2.stride(0), b2.stride(0), out2.stride(0),
+                                   ROWS=tile_rows, BLOCK_F=block_f, num_warps=warps)
+
+
+def _launch_bwd(g2: Tensor, a2: Tensor, b2: Tensor, da2: Tensor, db2: Tensor) -> None:
+    kern = triton_kernels("swiglu")
+    rows, f = a2.shape
+    if rows == 0 or f == 0:
+        return
+    tile_rows, block_f, warps = kern.config(f, not a2.is_cuda)
+    grid = (-(-rows // tile_rows), -(-f // block_f))
+    kern.silu_mul_bwd_kernel[grid](g2, a2, b2, da2, db2, rows, f, g2.stride(0), a2.stride(0), b2.stride(0),
+                                   da2.stride(0), db2.stride(0), ROWS=tile_rows, BLOCK_F=block_f, num_warps=warps)
+
+
+def _supports(*tensors, **_k) -> bool:
+    return dispatch.triton_supports(*tensors) and one_float_dtype(*tensors)
+
+
+for _op in OPS + BACKWARD_OPS:
+    dispatch.register(_op, "triton", available=lambda: dispatch.family_available("triton"), supports=_supports)
+    dispatch.register(_op, "torch")
+
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"silu_mul needs a and b of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _check_fused(h: Tensor) -> None:
+    if h.dim() < 1 or h.shape[-1] % 2:
+        raise ValueError(f"swiglu needs [.., 2F] (w1 x | w3 x); got last dim {h.shape[-1] if h.dim() else None}, "
+                         "expected an even size")
+
+
+# ----------------------------------------------------------------------------- silu_mul
+
+@torch.library.custom_op("lens_fast::silu_mul", mutates_args=())
+def silu_mul_op(a: Tensor, b: Tensor) -> Tensor:
+    if dispatch.select("silu_mul", a, b) == "torch":
+        return silu_mul_ref(a, b).contiguous()
+    out = empty(a.shape, a.dtype, a.device)
+    _launch_fwd(_rows(a), _rows(b), out.view(-1, a.shape[-1]))
+    return out
+
+
+@silu_mul_op.register_fake
+def _(a, b):
+    return a.new_empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype))
+
+
+@torch.library.custom_op("lens_fast::silu_mul_backward", mutates_args=())
+def silu_mul_backward(grad: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    if dispatch.select("silu_mul_backward", grad, a, b) == "torch":
+        _, vjp = torch.func.vjp(silu_mul_ref, a, b)  # the reference's autograd
+        da, db = vjp(grad)
+        return no_alias((da.contiguous(), db.contiguous()), (grad, a, b))
+    da = empty(a.shape, a.dtype, a.device)
+    db = empty(b.shape, b.dtype, b.device)
+    f = a.shape[-1]
+    _launch_bwd(_rows(grad), _rows(a), _rows(b), da.view(-1, f), db.view(-1, f))
+    return da, db
+
+
+@silu_mul_backward.register_fake
+def _(grad, a, b):
+    return a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _silu_mul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_mul_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    return silu_mul_backward(grad, a, b)
+
+
+silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
+
+
+# ----------------------------------------------------------------------------- swiglu
+
+@torch.library.custom_op("lens_fast::swiglu", mutates_args=())
+def swiglu_op(h: Tensor) -> Tensor:
+    f = h.shape[-1] // 2
+    if dispatch.select("swiglu", h) == "torch":
+        return silu_mul_ref(*h.chunk(2, dim=-1)).contiguous()
+    out = empty((*h.shape[:-1], f), h.dtype, h.device)
+    h2 = _rows(h)
+    _launch_fwd(h2[:, :f], h2[:, f:], out.view(-1, f))
+    return out
+
+
+@swiglu_op.register_fake
+def _(h):
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+@torch.library.custom_op("lens_fast::swiglu_backward", mutates_args=())
+def swiglu_backward(grad: Tensor, h: Tensor) -> Tensor:
+    f = h.shape[-1] // 2
+    if dispatch.select("swiglu_backward", grad, h) == "torch":
+        _, vjp = torch.func.vjp(lambda h_: silu_mul_ref(*h_.chunk(2, dim=-1)), h)
+        (dh,) = vjp(grad)
+        return no_alias((dh.contiguous(),), (grad, h))[0]
+    dh = empty(h.shape, h.dtype, h.device)
+    h2, dh2 = _rows(h), dh.view(-1, 2 * f)
+    _launch_bwd(_rows(grad), h2[:, :f], h2[:, f:], dh2[:, :f], dh2[:, f:])
+    return dh
+
+
+@swiglu_backward.register_fake
+def _(grad, h):
+    return h.new_empty(h.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_backward(ctx, grad):
+    (h,) = ctx.saved_tensors
+    return swiglu_backward(grad, h)
+
+
+swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+def silu_mul(a: Tensor, b: Tensor) -> Tensor:
+    """``silu(a) * b`` (a = w1 x, b = w3 x). Eager calls that resolve to the torch
+    backend run the reference directly (plain autograd); the rest go through the op."""
+    _check_pair(a, b)
+    if runs_reference(a, b):
+        return silu_mul_ref(a, b)
+    return silu_mul_op(a, b)
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """``silu(h[..., :F]) * h[..., F:]`` for the fused w1|w3 output ``h`` [.., 2F]."""
+    _check_fused(h)
+    if runs_reference(h):
+        return silu_mul_ref(*h.chunk(2, dim=-1))
+    return swiglu_op(h)

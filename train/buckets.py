@@ -1,0 +1,101 @@
+"""Aspect-ratio buckets: base areas x W:H ratios, sides multiples of ``multiple``.
+
+For the nine official ratios the bucket is the official 1024 bucket (the inference
+resolutions of ``lens_fast.pipeline.RESOLUTION_BUCKETS``) scaled to the base side and
+rounded to the multiple, so training sees the shapes users sample at; any other ratio
+r = W/H gets H = base / sqrt(r), W = base * sqrt(r), rounded. Each step a rank draws
+one base area (weighted), then the images' own aspect ratios pick the ratio.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from lens_fast.pipeline import RESOLUTION_BUCKETS
+
+
+def parse_ratio(ratio: str) -> float:
+    """'W:H' -> W / H."""
+    try:
+        w, h = (float(x) for x in str(ratio).split(":"))
+    except ValueError:
+        raise ValueError(f"ratio {ratio!r}: expected W:H such as 16:9") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"ratio {ratio!r}: both sides must be positive")
+    return w / h
+
+
+def bucket_size(area: int, ratio: str, multiple: int = 16) -> Tuple[int, int]:
+    """(height, width) of the bucket for a base side and a W:H ratio."""
+    def snap(x):
+        return max(multiple, int(round(x / multiple)) * multiple)
+
+    official = RESOLUTION_BUCKETS[1024].get(ratio)
+    if official is not None:
+        return snap(official[0] * area / 1024), snap(official[1] * area / 1024)
+    r = parse_ratio(ratio)
+    return snap(area / math.sqrt(r)), snap(area * math.sqrt(r))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    area: int
+    ratio: str
+    height: int
+    width: int
+    batch: int
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+class BucketTable:
+    """All buckets of a config and the per-step area draw."""
+
+    def __init__(self, areas: Sequence[int], ratios: Sequence[str], batch_per_area: Dict[int, int],
+                 area_weights: Optional[Sequence[float]] = None, multiple: int = 16):
+        self.areas = [int(a) for a in areas]
+        self.ratios = list(ratios)
+        self.multiple = multiple
+        missing = [a for a in self.areas if a not in batch_per_area]
+        if missing:
+            raise ValueError(f"batch_per_area {dict(batch_per_area)} has no batch size for area(s) {missing}")
+        self.buckets: Dict[Tuple[int, str], Bucket] = {}
+        for a in self.areas:
+            for r in self.ratios:
+                h, w = bucket_size(a, r, multiple)
+                self.buckets[(a, r)] = Bucket(a, r, h, w, int(batch_per_area[a]))
+        weights = np.ones(len(self.areas)) if area_weights is None else np.asarray(area_weights, dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self._log_ratios = np.log([parse_ratio(r) for r in self.ratios])
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "BucketTable":
+        return cls(data_cfg.areas, data_cfg.ratios, data_cfg.batch_per_area, data_cfg.area_weights,
+                   data_cfg.multiple)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def all(self) -> List[Bucket]:
+        return list(self.buckets.values())
+
+    def draw_area(self, rng: np.random.Generator) -> int:
+        return self.areas[int(rng.choice(len(self.areas), p=self.weights))]
+
+    def nearest_ratio(self, width: int, height: int) -> str:
+        """The configured ratio closest to W/H in log space."""
+        return self.ratios[int(np.argmin(np.abs(self._log_ratios - math.log(width / height))))]
+
+    def get(self, area: int, ratio: str) -> Bucket:
+        return self.buckets[(area, ratio)]
+
+
+def step_rng(seed: int, step: int, data_rank: int, stream: int) -> np.random.Generator:
+    """A generator fixed by (seed, step, data rank, stream): the same draws whatever
+    the world size, and after a resume."""
+    return np.random.default_rng([int(seed), int(step), int(data_rank), int(stream)])

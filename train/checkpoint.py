@@ -1,0 +1,184 @@
+"""Training checkpoints and exports.
+
+``DIR/checkpoints/step_N/`` holds a torch.distributed.checkpoint (model, EMA, optimizer
+and step, sharded: any world size can read it), ``rank_state/rank_R.json`` per rank
+(RNG states of torch, CUDA, numpy and python, the data position, counters) and
+``complete.json``. It is written into ``checkpoints/.tmp-step_N`` and renamed when
+every rank is done, so a ``step_N`` folder is always complete; ``latest_checkpoint``
+takes the newest one with ``complete.json``. Checkpoint folders must be on a file
+system all ranks share (as torch.distributed.checkpoint requires).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+
+from lens_fast.models.transformer import LensTransformer2DModel
+
+MARKER = "complete.json"
+WRITER = "lens_fast.train"
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; one process is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def list_checkpoints(run_dir: str):
+    """[(step, path)] of complete checkpoints, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = re.fullmatch(r"step_(\d+)", name)
+        if m and os.path.isfile(os.path.join(root, name, MARKER)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str) -> Optional[Tuple[int, str]]:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+# -- RNG states ------------------------------------------------------------------------
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()),
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+# -- save / load -------------------------------------------------------------------------
+def save_checkpoint(run_dir: str, step: int, state: Dict, rank_state: dict, rank: int, world: int,
+                    barrier, keep_last: Optional[int] = None) -> Optional[str]:
+    """Write ``step_N`` atomically (collective: every rank calls it). Returns the path,
+    or None when a complete ``step_N`` exists already."""
+    root = checkpoint_dir(run_dir)
+    final = os.path.join(root, f"step_{step}")
+    if os.path.isfile(os.path.join(final, MARKER)):
+        return None
+    tmp = os.path.join(root, f".tmp-step_{step}")
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(tmp):  # left by a run of this folder killed while saving
+            shutil.rmtree(tmp)
+        os.makedirs(os.path.join(tmp, "rank_state"))
+    barrier()
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=tmp)
+    path = os.path.join(tmp, "rank_state", f"rank_{rank:05d}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rank_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+            json.dump({"writer": WRITER, "step": step, "world": world, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):  # an incomplete step_N cannot be made by this code; keep it aside
+            os.rename(final, final + f".incomplete-{int(time.time())}")
+        os.rename(tmp, final)
+        if keep_last:
+            for _, old in list_checkpoints(run_dir)[:-keep_last]:
+                with open(os.path.join(old, MARKER), encoding="utf-8") as f:
+                    if json.load(f).get("writer") == WRITER:
+                        shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str, state: Dict, rank: int) -> dict:
+    """Fill ``state`` in place from a checkpoint; return this rank's rank_state."""
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path)
+    rs = os.path.join(path, "rank_state", f"rank_{rank:05d}.json")
+    if not os.path.isfile(rs):
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            world = json.load(f).get("world")
+        raise ValueError(f"{path} was written by {world} ranks and has no state for rank {rank}; resume with "
+                         f"the same number of ranks (the data position is per rank)")
+    with open(rs, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def saved_keys(path: str) -> set:
+    """The flattened state-dict keys a checkpoint holds."""
+    return set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def read_run_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir} has no run.json; it is not a lens_fast training run")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_checkpoint_weights(path: str, which: str = "model", model_config: Optional[dict] = None
+                            ) -> Dict[str, torch.Tensor]:
+    """Full float32 weights ("model" or "ema") of a training checkpoint, read in one
+    process without a process group (any number of ranks wrote it)."""
+    if which not in ("model", "ema"):
+        raise ValueError(f"which={which!r}: expected 'model' or 'ema'")
+    if model_config is None:
+        model_config = read_run_config(os.path.dirname(os.path.dirname(os.path.abspath(path))))["model_config"]
+    model = LensTransformer2DModel(**model_config)
+    sd = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
+    with _single_process_quiet():
+        dcp.load({which: sd}, checkpoint_id=path)
+    return sd
+
+
+def export_transformer(folder: str, model_config: dict, state_dict: Dict[str, torch.Tensor],
+                       overwrite: bool = False) -> str:
+    """Write a diffusers-format ``transformer`` folder that
+    ``LensTransformer2DModel.from_pretrained`` loads."""
+    with torch.device("meta"):
+        shell = LensTransformer2DModel(**model_config)
+    shell.save_pretrained(folder, state_dict=state_dict, overwrite=overwrite)
+    return folder

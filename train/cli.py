@@ -1,0 +1,114 @@
+"""``lens-fast train`` / ``python -m lens_fast.train``: the same command on one GPU, a
+CPU, or under ``torchrun`` on many GPUs and nodes.
+
+    lens-fast train --config stage1 --out runs/s1 --data "/data/shard-{000000..000999}.tar" \
+        --pretrained /ckpt/Lens-Base            # VAE + text encoder folder
+    torchrun --nproc_per_node 8 -m lens_fast.train --config stage2 --out runs/s2 --resume
+    lens-fast train --config tiny-cpu --out /tmp/tiny --max-steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import yaml
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import REGISTRY
+
+    p = argparse.ArgumentParser(prog="lens-fast train", description="Train or fine-tune Lens.",
+                                allow_abbrev=False)
+    p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
+    p.add_argument("--out", help="run folder (default runs/<config name>); refused if it holds another "
+                                 "run's files, unless --resume")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--max-steps", type=int, help="train until this step count (overrides train.max_steps)")
+    p.add_argument("--data", action="append", help="WebDataset shards: paths, globs or {000..099} patterns "
+                                                   "(repeatable; sets data.shards)")
+    p.add_argument("--cache", help="a token cache folder (sets data.source=cache, data.path)")
+    p.add_argument("--pretrained", help="official checkpoint folder to start from (sets model.pretrained; also "
+                                        "the default VAE and text encoder)")
+    p.add_argument("--lr", type=float, help="learning rate (optim.lr)")
+    p.add_argument("--seed", type=int, help="seed (train.seed)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, value in YAML syntax (repeatable)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--list-configs", action="store_true", help="list the registered configs and exit")
+    return p
+
+
+def resolve_config(args):
+    from .config import load_config
+
+    if not args.config:
+        raise ValueError("--config is required: a registered config name or a YAML file")
+    cfg = load_config(args.config)
+    sets = list(args.set)
+    if args.max_steps is not None:
+        sets.append(f"train.max_steps={args.max_steps}")
+    if args.lr is not None:
+        sets.append(f"optim.lr={args.lr}")
+    if args.seed is not None:
+        sets.append(f"train.seed={args.seed}")
+    if args.no_progress:
+        sets.append("logging.progress_bar=false")
+    cfg.override(sets)
+    if args.data:
+        cfg.data.shards = list(args.data)
+        cfg.data.source = "webdataset"
+    if args.cache:
+        cfg.data.source, cfg.data.path = "cache", args.cache
+    if args.pretrained:
+        cfg.model.pretrained = args.pretrained
+    cfg.validate()
+    return cfg
+
+
+def run(argv: List[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_configs:
+        from .config import REGISTRY
+
+        for name, fn in sorted(REGISTRY.items()):
+            print(f"{name:10s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from .trainer import Trainer
+
+    out = args.out or os.path.join("runs", cfg.name)
+    trainer = Trainer(cfg, out_dir=out, resume=args.resume, device=args.device)
+    try:
+        result = trainer.train()
+        if trainer.dist.is_main:
+            mfu = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}%"
+            print(f"lens-fast train: step {result.step}, {result.samples_per_s:.1f} samples/s, "
+                  f"{result.tflops_per_gpu:.3f} TFLOP/s per device, MFU {mfu}, skipped {result.skipped} "
+                  f"samples; run folder {trainer.run_dir}")
+    finally:
+        trainer.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``lens-fast train``: returns the exit status (2 for user errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lens_fast.train").setLevel(logging.INFO)
+    try:
+        return run(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad option (2)
+        return e.code if isinstance(e.code, int) else 2
+    except USER_ERRORS as e:
+        print(f"lens-fast train: error: {e}", file=sys.stderr)
+        return 2

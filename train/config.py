@@ -1,0 +1,374 @@
+"""Training configs: nested dataclasses, a registry of named configs (small Python
+functions), YAML files and ``section.key=value`` overrides. Unknown keys are errors
+that name the key and the keys that exist.
+
+A YAML file either spells out sections or starts from a named config::
+
+    base: stage2
+    optim: {lr: 5.0e-5}
+    data: {shards: "/data/laion-{000000..000999}.tar"}
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import yaml
+
+from lens_fast.models.config import LensTransformerConfig
+
+RATIOS = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message says which and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    transformer: Dict[str, Any] = field(default_factory=lambda: dict(LensTransformerConfig.defaults))
+    pretrained: Optional[str] = None  # diffusers folder (checkpoint root or its transformer/)
+    mask_every_block: bool = False  # the reference masks text in the first block only
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000  # linear warm-up from 0, then constant
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 400_000
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimiser step and rank
+
+
+@dataclass
+class LossConfig:
+    # logit(sigma) ~ N(mu(n), logit_std^2); mu linear in the image-token count n through
+    # (n1, mu1) and (n2, mu2) (extrapolated outside), defaults from Lens's scheduler config.
+    mu_points: List[List[float]] = field(default_factory=lambda: [[256, 0.5], [4096, 1.15]])
+    logit_std: float = 1.0
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    source: str = "webdataset"  # webdataset | cache | synthetic
+    shards: List[str] = field(default_factory=list)  # tar paths, globs or {000..099} ranges
+    path: Optional[str] = None  # cache folder (source: cache)
+    areas: List[int] = field(default_factory=lambda: [512, 768, 1024])  # bucket base sides
+    ratios: List[str] = field(default_factory=lambda: list(RATIOS))  # W:H
+    batch_per_area: Dict[int, int] = field(default_factory=lambda: {512: 24, 768: 10, 1024: 6})
+    area_weights: Optional[List[float]] = None  # probability of each area per step (equal by default)
+    multiple: int = 16  # bucket sides are multiples of this
+    min_side: int = 64  # images with a shorter side are skipped (too small)
+    caption_keys: List[str] = field(default_factory=lambda: ["json:caption", "txt"])
+    max_text_tokens: int = 512
+    workers: int = 4  # decode threads per rank
+    prefetch: bool = True
+    text_len: int = 8  # synthetic source only: text tokens per sample
+
+
+@dataclass
+class EncoderConfig:
+    vae: Optional[str] = None  # checkpoint folder holding vae/, or "pixel"
+    text_encoder: Optional[str] = None  # checkpoint folder holding text_encoder/ + tokenizer/
+    pixel_patch: int = 2  # patch side of the "pixel" stand-in
+    dtype: str = "bfloat16"
+    template_date: Optional[str] = "2025-01-01"  # fixed chat-template date: reproducible features
+
+
+@dataclass
+class ParallelConfig:
+    fsdp: Any = "auto"  # auto: on under torchrun or on CUDA; True / False
+    param_dtype: str = "bfloat16"
+    reduce_dtype: str = "float32"
+    activation_checkpointing: str = "full"  # none | full | selective
+    ac_every: int = 2  # selective: checkpoint every k-th block
+    compile: bool = True
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 2000
+    keep_last: Optional[int] = None  # None keeps every checkpoint
+    export_ema: bool = True  # export DIR/export/transformer from the EMA (else the raw) weights
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True
+    sample_every: int = 0  # 0: no sample grids
+    sample_count: int = 4
+    sample_steps: int = 20
+    sample_guidance: float = 4.0
+
+
+SECTIONS = dict(model=ModelConfig, optim=OptimConfig, train=TrainSection, loss=LossConfig, data=DataConfig,
+                encoders=EncoderConfig, parallel=ParallelConfig, ema=EMAConfig, checkpoint=CheckpointConfig,
+                logging=LoggingConfig)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        cfg = cls()
+        apply_dict(cfg, data, source)
+        cfg.validate()
+        return cfg
+
+    def override(self, assignments: List[str]) -> "TrainConfig":
+        """Apply ``section.key=value`` strings (values parsed as YAML) and re-validate."""
+        for a in assignments:
+            if "=" not in a:
+                raise ConfigError(f"override {a!r}: expected section.key=value")
+            path, value = a.split("=", 1)
+            parts = path.strip().split(".")
+            if len(parts) != 2:
+                raise ConfigError(f"override {a!r}: expected section.key=value with one dot, e.g. optim.lr=1e-4")
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {a!r}: value is not valid YAML: {e}") from None
+            if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                try:
+                    parsed = float(parsed)
+                except ValueError:
+                    pass
+            apply_dict(self, {parts[0]: {parts[1]: parsed}}, f"override {a!r}")
+        self.validate()
+        return self
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        try:
+            LensTransformerConfig.from_dict(self.model.transformer, source="model.transformer")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        t = self.model.transformer
+        p, c_out = t.get("patch_size", 2), t.get("out_channels") or t.get("in_channels")
+        if p * p * c_out != t.get("in_channels"):
+            raise ConfigError(f"model.transformer: patch_size^2 * out_channels = {p * p * c_out} must equal "
+                              f"in_channels = {t.get('in_channels')} (the velocity lives in the token space)")
+        _positive(self.optim.lr, "optim.lr", strict=True)
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas={self.optim.betas}: expected two numbers in [0, 1)")
+        _positive(self.optim.warmup_steps, "optim.warmup_steps", integer=True)
+        _positive(self.optim.grad_clip, "optim.grad_clip", strict=True)
+        _positive(self.train.max_steps, "train.max_steps", integer=True)
+        _positive(self.train.grad_accum, "train.grad_accum", strict=True, integer=True)
+        pts = self.loss.mu_points
+        if len(pts) != 2 or any(len(q) != 2 for q in pts) or pts[0][0] == pts[1][0]:
+            raise ConfigError(f"loss.mu_points={pts}: expected [[n1, mu1], [n2, mu2]] with n1 != n2")
+        _positive(self.loss.logit_std, "loss.logit_std", strict=True)
+        if not 0 <= self.loss.caption_dropout < 1:
+            raise ConfigError(f"loss.caption_dropout={self.loss.caption_dropout}: expected a probability in [0, 1)")
+        self._validate_data()
+        if self.parallel.fsdp not in ("auto", True, False):
+            raise ConfigError(f"parallel.fsdp={self.parallel.fsdp!r}: expected auto, true or false")
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(self.parallel, key) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"parallel.{key}={getattr(self.parallel, key)!r}: expected float32, bfloat16 "
+                                  "or float16")
+        if self.parallel.activation_checkpointing not in ("none", "full", "selective"):
+            raise ConfigError(f"parallel.activation_checkpointing={self.parallel.activation_checkpointing!r}: "
+                              "expected none, full or selective")
+        _positive(self.parallel.ac_every, "parallel.ac_every", strict=True, integer=True)
+        if not 0 <= self.ema.decay < 1:
+            raise ConfigError(f"ema.decay={self.ema.decay}: expected a number in [0, 1)")
+        _positive(self.ema.every, "ema.every", strict=True, integer=True)
+        _positive(self.checkpoint.every, "checkpoint.every", strict=True, integer=True)
+        if self.checkpoint.keep_last is not None:
+            _positive(self.checkpoint.keep_last, "checkpoint.keep_last", strict=True, integer=True)
+        _positive(self.logging.every, "logging.every", strict=True, integer=True)
+        _positive(self.logging.sample_every, "logging.sample_every", integer=True)
+        _positive(self.logging.sample_count, "logging.sample_count", strict=True, integer=True)
+        _positive(self.logging.sample_steps, "logging.sample_steps", strict=True, integer=True)
+
+    def _validate_data(self) -> None:
+        d = self.data
+        if d.source not in ("webdataset", "cache", "synthetic"):
+            raise ConfigError(f"data.source={d.source!r}: expected webdataset, cache or synthetic")
+        if isinstance(d.shards, str):
+            d.shards = [d.shards]
+        _positive(d.multiple, "data.multiple", strict=True, integer=True)
+        if not d.areas:
+            raise ConfigError("data.areas is empty; expected at least one bucket base side, e.g. [512]")
+        for a in d.areas:
+            if not isinstance(a, int) or a <= 0 or a % d.multiple:
+                raise ConfigError(f"data.areas has {a!r}: expected positive multiples of data.multiple={d.multiple}")
+        d.batch_per_area = {int(k): v for k, v in d.batch_per_area.items()}
+        missing = [a for a in d.areas if a not in d.batch_per_area]
+        if missing:
+            raise ConfigError(f"data.batch_per_area={d.batch_per_area} has no batch size for area(s) {missing}")
+        for a, b in d.batch_per_area.items():
+            _positive(b, f"data.batch_per_area[{a}]", strict=True, integer=True)
+        if d.area_weights is not None and (len(d.area_weights) != len(d.areas) or min(d.area_weights) < 0
+                                           or sum(d.area_weights) <= 0):
+            raise ConfigError(f"data.area_weights={d.area_weights}: expected {len(d.areas)} non-negative weights "
+                              "(one per area) with a positive sum")
+        from .buckets import parse_ratio
+
+        for r in d.ratios:
+            parse_ratio(r)
+        if not d.ratios:
+            raise ConfigError("data.ratios is empty; expected W:H ratios such as 1:1")
+
+
+def _positive(v, name, strict=False, integer=False):
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or v < 0 or (strict and v == 0):
+        kind = "integer" if integer else "number"
+        raise ConfigError(f"{name}={v!r}: expected a {'positive' if strict else 'non-negative'} {kind}")
+
+
+def apply_dict(cfg: TrainConfig, data: Dict[str, Any], source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for key, value in data.items():
+        if key == "name":
+            cfg.name = str(value)
+            continue
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {key!r}; expected one of {['name', *SECTIONS]}")
+        section = getattr(cfg, key)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {key!r} must be a mapping, got {type(value).__name__}")
+        names = [f.name for f in dataclasses.fields(section)]
+        for k, v in value.items():
+            if k not in names:
+                raise ConfigError(f"{source}: unknown key {key}.{k}; expected one of {names}")
+            if key == "model" and k == "transformer":
+                unknown = sorted(set(v) - set(LensTransformerConfig.defaults))
+                if unknown:
+                    raise ConfigError(f"{source}: unknown model.transformer key(s) {unknown}; expected keys from "
+                                      f"{sorted(LensTransformerConfig.defaults)}")
+                v = {**section.transformer, **v}
+            setattr(section, k, v)
+
+
+# -- the registry -----------------------------------------------------------------------
+REGISTRY: Dict[str, Callable[[], TrainConfig]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+@register("stage1")
+def stage1() -> TrainConfig:
+    """Paper stage 1: one fixed low resolution (512^2: 1024 image tokens, x 24 per GPU
+    = ~24K image tokens, the stage-2 budget), global batch 3072 = 24 x 128 GPUs,
+    constant LR, 400K steps."""
+    cfg = TrainConfig(name="stage1")
+    cfg.data = DataConfig(areas=[512], ratios=["1:1"], batch_per_area={512: 24})
+    cfg.checkpoint.every = 2000
+    return cfg
+
+
+@register("stage2")
+def stage2() -> TrainConfig:
+    """Paper stage 2: 27 buckets = areas 512/768/1024 x 9 ratios, 24/10/6 images per GPU."""
+    cfg = TrainConfig(name="stage2")
+    cfg.data = DataConfig(areas=[512, 768, 1024], ratios=list(RATIOS), batch_per_area={512: 24, 768: 10, 1024: 6})
+    return cfg
+
+
+@register("finetune")
+def finetune() -> TrainConfig:
+    """Fine-tuning from an official checkpoint folder (set model.pretrained or
+    --pretrained): stage-2 buckets, 10x lower LR, short warm-up, faster EMA."""
+    cfg = stage2()
+    cfg.name = "finetune"
+    cfg.optim.lr = 1e-5
+    cfg.optim.warmup_steps = 100
+    cfg.train.max_steps = 10_000
+    cfg.ema.decay = 0.999
+    cfg.checkpoint.every = 500
+    return cfg
+
+
+@register("tiny-cpu")
+def tiny_cpu() -> TrainConfig:
+    """A 2-block, 64-wide Lens in pixel space (patch 4 on RGB: 48 channels) on the
+    synthetic source; fp32, no compile; trains in seconds on a CPU (tests, CI)."""
+    cfg = TrainConfig(name="tiny-cpu")
+    cfg.model.transformer.update(patch_size=4, in_channels=48, out_channels=3, num_layers=2, attention_head_dim=16,
+                                 num_attention_heads=4, inner_dim=64, enc_hidden_dim=32, axes_dims_rope=[4, 6, 6],
+                                 selected_layer_index=[0, 1])
+    cfg.optim = OptimConfig(lr=2e-3, warmup_steps=2)
+    cfg.train = TrainSection(max_steps=20, seed=0)
+    cfg.data = DataConfig(source="synthetic", areas=[32, 48], ratios=["1:1", "2:1", "1:2"],
+                          batch_per_area={32: 8, 48: 4}, multiple=8, text_len=6)
+    cfg.encoders = EncoderConfig(vae="pixel", pixel_patch=4, dtype="float32")
+    cfg.parallel = ParallelConfig(fsdp="auto", param_dtype="float32", reduce_dtype="float32",
+                                  activation_checkpointing="selective", ac_every=2, compile=False)
+    cfg.ema = EMAConfig(decay=0.9)
+    cfg.checkpoint = CheckpointConfig(every=10)
+    cfg.logging = LoggingConfig(every=1, tensorboard=False, sample_every=0, sample_count=2, sample_steps=4)
+    return cfg
+
+
+def load_config(name_or_file: str) -> TrainConfig:
+    """A registered config by name, or a YAML file (optionally ``base: NAME``)."""
+    if name_or_file in REGISTRY:
+        cfg = REGISTRY[name_or_file]()
+        cfg.validate()
+        return cfg
+    if not name_or_file.endswith((".yaml", ".yml")):
+        raise ConfigError(f"config {name_or_file!r} is neither a registered config {sorted(REGISTRY)} "
+                          "nor a .yaml/.yml file")
+    if not os.path.isfile(name_or_file):
+        raise FileNotFoundError(f"config file {name_or_file} does not exist")
+    with open(name_or_file, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{name_or_file} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name_or_file}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None and base not in REGISTRY:
+        raise ConfigError(f"{name_or_file}: base {base!r} is not a registered config; expected one of "
+                          f"{sorted(REGISTRY)}")
+    cfg = REGISTRY[base]() if base else TrainConfig(name=os.path.splitext(os.path.basename(name_or_file))[0])
+    apply_dict(cfg, data, name_or_file)
+    cfg.validate()
+    return cfg
