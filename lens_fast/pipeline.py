@@ -59,6 +59,20 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def decoded_to_output(decoded: torch.Tensor, output_type: str):
+    """Decoded images [B, 3, H, W] in [-1, 1] as the reference returns them: PIL (uint8,
+    truncated like the reference), ``np`` (HWC float in [0, 1]) or ``pt`` ([0, 1])."""
+    if output_type == "pil":
+        from PIL import Image
+
+        arr = ((decoded.clamp(-1, 1) + 1.0) * (255.0 / 2.0)).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+        return [Image.fromarray(a) for a in arr]
+    images = (decoded.clamp(-1, 1) + 1.0) * 0.5
+    if output_type == "pt":
+        return images
+    return images.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
+
+
 @dataclass
 class LensPipelineOutput:
     images: Any
@@ -168,13 +182,20 @@ class LensPipeline:
         same arguments and results within bf16 noise. See ``lens_fast.engine``."""
         from .engine import enable_fast_path
 
+        self.transformer.fuse_projections()  # w1|w3 as one GEMM; state-dict names unchanged
         return enable_fast_path(self, **kwargs)
 
-    def enable_text_encoder_offload(self):
-        """Keep the text encoder on the CPU between encodings."""
+    def disable_fast_path(self):
+        from .engine import disable_fast_path
+
+        return disable_fast_path(self)
+
+    def enable_text_encoder_offload(self, mode: str = "model"):
+        """Keep the text encoder off the GPU between encodings (``mode="sequential"``
+        streams it layer by layer, for GPUs smaller than the encoder)."""
         from .engine import enable_text_encoder_offload
 
-        return enable_text_encoder_offload(self)
+        return enable_text_encoder_offload(self, mode=mode)
 
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
@@ -355,13 +376,4 @@ class LensPipeline:
     def postprocess(self, latents, height, width, output_type):
         if output_type == "latent":
             return latents
-        decoded = self.vae.decode(latents, height, width)
-        if output_type == "pil":
-            from PIL import Image
-
-            arr = ((decoded.clamp(-1, 1) + 1.0) * (255.0 / 2.0)).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
-            return [Image.fromarray(a) for a in arr]
-        images = (decoded.clamp(-1, 1) + 1.0) * 0.5
-        if output_type == "pt":
-            return images
-        return images.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
+        return decoded_to_output(self.vae.decode(latents, height, width), output_type)

@@ -38,3 +38,12 @@ def conformance_dir():
 def _seed_and_backend(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.delenv("LENS_FAST_BACKEND", raising=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: small CPU tests run faster and steadier on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

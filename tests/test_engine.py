@@ -22,13 +22,7 @@ from lens_fast.tiny import SCHEDULER, make_tiny_checkpoint, make_tiny_transforme
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """Tiny models on a shared 2-core machine run ~10x faster single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a, b):

@@ -43,12 +43,7 @@ requires_triton = pytest.mark.skipif(not optional.triton_usable(), reason="Trito
                                                                           "TRITON_INTERPRET=1)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(dtype=torch.float32, b=2, h=8, w=8, s=11, seed=0, device="cpu"):

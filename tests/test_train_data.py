@@ -16,12 +16,7 @@ from lens_fast.train import webdata
 from lens_fast.train.webdata import WebDatasetSource
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_bytes(w, h, seed, fmt="PNG"):

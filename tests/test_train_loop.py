@@ -15,12 +15,7 @@ from lens_fast.train.loss import (DROPOUT, NOISE, SIGMA, drop_captions, flow_mat
                                   sample_sigmas, step_generator)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(*sets):

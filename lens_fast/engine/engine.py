@@ -200,16 +200,9 @@ class LensEngine:
     def postprocess(self, latents, height: int, width: int, output_type: str):
         if output_type == "latent":
             return latents
-        decoded = self.decoder.decode(latents, height, width)
-        if output_type == "pil":
-            from PIL import Image
+        from ..pipeline import decoded_to_output
 
-            arr = ((decoded.clamp(-1, 1) + 1.0) * (255.0 / 2.0)).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
-            return [Image.fromarray(a) for a in arr]
-        images = (decoded.clamp(-1, 1) + 1.0) * 0.5
-        if output_type == "pt":
-            return images
-        return images.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
+        return decoded_to_output(self.decoder.decode(latents, height, width), output_type)
 
     # -- pre-warming ----------------------------------------------------------------------
     @torch.no_grad()

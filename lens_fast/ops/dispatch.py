@@ -115,8 +115,8 @@ def select(op: str, *tensors: torch.Tensor, **shape_info) -> str:
         if _FAMILY_OF[b.name] == "triton" and not gpu:
             continue
         if b.available() and b.supports(*tensors, **shape_info):
-            _log_once((op, b.name, _signature(tensors)), "%s: using backend %s for %s", op, b.name,
-                      _signature(tensors))
+            if (op, b.name) not in _LOGGED:  # the signature string is built only when logged
+                _log_once((op, b.name), "%s: using backend %s (first call: %s)", op, b.name, _signature(tensors))
             return b.name
     raise BackendUnavailableError(f"{op}: no registered backend supports these inputs")
 

@@ -41,7 +41,7 @@ class DemoConfig:
     ratios: Tuple[Tuple[int, int], ...] = ((1, 2), (2, 3), (1, 1), (3, 2), (2, 1))
     pixel_patch: int = 4
     captions: str = "mixed"  # dense | brief | mixed (50/50)
-    steps: int = 1500
+    steps: int = 1200
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -58,7 +58,8 @@ class DemoConfig:
     max_train_seconds: float = 480.0
 
 
-QUICK = dict(name="quick", n_samples=600, steps=120, eval_per_tag=4, sample_steps=10, max_train_seconds=60.0)
+QUICK = dict(name="quick", n_samples=600, steps=120, warmup=20, ema_decay=0.9, eval_per_tag=4, sample_steps=10,
+             max_train_seconds=60.0)
 
 
 def build_config(quick: bool, **overrides) -> DemoConfig:

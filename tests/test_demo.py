@@ -1,0 +1,43 @@
+"""The built-in demo: `lens-fast demo --quick` end to end, and its text features."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from lens_fast.toy.demo import TAG_ORDER, main
+from lens_fast.toy.text import HIDDEN, MiniLMTextEncoder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return MiniLMTextEncoder()
+
+
+def test_minilm_features_follow_the_multi_layer_contract(minilm):
+    feats, mask = minilm.encode(["a red circle", "two blue squares above a green triangle"])
+    assert len(feats) == 3 and all(f.shape == (2, mask.shape[1], HIDDEN) for f in feats)
+    assert mask[1].all() and not mask[0].all()  # right padding of the shorter prompt
+    assert torch.count_nonzero(feats[0][0, ~mask[0]]) == 0
+    # Per-prompt cache: the same prompt alone gives the same valid features.
+    alone, m = minilm.encode(["a red circle"])
+    torch.testing.assert_close(alone[2][0, m[0]], feats[2][0, mask[0]])
+    assert not torch.allclose(feats[0][0, 0], feats[2][0, 0])  # different layers really differ
+
+
+def test_quick_demo_writes_every_artefact(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["--quick", "--out", str(out)]) == 0
+    for name in ("samples.png", "loss.png", "report.md", "report.json"):
+        assert (out / name).is_file(), name
+    assert Image.open(out / "samples.png").size[0] > 100
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["scores"]["per_tag"]) == set(TAG_ORDER)
+    assert all(0.0 <= report["scores"]["per_tag"][t] <= 1.0 for t in TAG_ORDER)
+    assert report["steps"] > 0 and report["throughput"]["samples_per_s"] > 0
+    assert report["untrained"]["overall"] <= 0.1
+    md = (out / "report.md").read_text()
+    assert all(t in md for t in TAG_ORDER) and "overall" in md
+    with pytest.raises(FileExistsError, match="not empty"):
+        main(["--quick", "--out", str(out)])
