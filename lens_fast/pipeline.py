@@ -292,13 +292,14 @@ class LensPipeline:
         return height, width
 
     def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int, guidance_scale: float,
-                callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), extra=None):
+                callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), extra=None,
+                mu: Optional[float] = None):
         """The sampling loop on token latents [B, N, C]; ``feats``/``mask`` hold the
         cond rows and, when CFG runs, the uncond rows after them."""
         h, w = grid
         batch = latents.shape[0]
         use_cfg = guidance_scale != 1.0
-        sigmas, timesteps = lens_sigmas(num_inference_steps, h * w, device=latents.device)
+        sigmas, timesteps = lens_sigmas(num_inference_steps, h * w, device=latents.device, mu=mu)
         img_shapes = [(1, h, w)]
         bar = tqdm(total=num_inference_steps, **{"disable": False, "leave": False, **self._progress})
         for i, t in enumerate(timesteps):
@@ -333,7 +334,11 @@ class LensPipeline:
                  prompt_mask: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[List[torch.Tensor]] = None,
                  negative_prompt_mask: Optional[torch.Tensor] = None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), max_sequence_length: int = 512):
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), max_sequence_length: int = 512,
+                 mu: Optional[float] = None):
+        """Text to image with the reference's arguments. ``mu`` (not in the reference)
+        overrides the schedule's empirical shift, for models trained at other token counts
+        (e.g. the CPU demo); leave it None for Lens checkpoints."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         for k in callback_on_step_end_tensor_inputs:
@@ -369,7 +374,7 @@ class LensPipeline:
         latents = latents.to(device=device, dtype=dtype)
         latents = self.denoise(latents, feats, mask, (h, w), num_inference_steps, guidance_scale,
                                callback_on_step_end, callback_on_step_end_tensor_inputs,
-                               extra={"prompt_embeds": pe, "negative_prompt_embeds": ne})
+                               extra={"prompt_embeds": pe, "negative_prompt_embeds": ne}, mu=mu)
         images = self.postprocess(latents, height, width, output_type)
         return LensPipelineOutput(images=images) if return_dict else (images,)
 

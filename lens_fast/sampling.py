@@ -3,7 +3,7 @@ norm-rescaled CFG and the float32 Euler step (the reference's scheduler semantic
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,12 +26,14 @@ def time_shift_exponential(mu: float, sigmas: np.ndarray, power: float = 1.0) ->
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0) ** power)
 
 
-def lens_sigmas(num_steps: int, image_seq_len: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def lens_sigmas(num_steps: int, image_seq_len: int, device=None,
+                mu: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sigmas [n + 1] float32 ending in 0, timesteps [n] = sigmas * 1000) as the
-    reference's FlowMatchEulerDiscreteScheduler computes them (float64 shift, then float32)."""
+    reference's FlowMatchEulerDiscreteScheduler computes them (float64 shift, then float32).
+    ``mu`` overrides the empirical shift (0 = no shift); the default is the reference's."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}")
-    mu = compute_empirical_mu(image_seq_len, num_steps)
+    mu = compute_empirical_mu(image_seq_len, num_steps) if mu is None else float(mu)
     base = np.linspace(1.0, 1.0 / num_steps, num_steps)
     shifted = torch.from_numpy(time_shift_exponential(mu, base)).to(dtype=torch.float32, device=device)
     timesteps = shifted * 1000.0

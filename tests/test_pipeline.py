@@ -193,3 +193,11 @@ def test_no_text_encoder_needs_embeddings(conformance):
     pipe, _, _ = conformance
     with pytest.raises(ValueError, match="has no text encoder"):
         pipe("a prompt", height=80, width=112, num_inference_steps=1)
+
+
+def test_mu_override_changes_only_the_schedule():
+    base, _ = lens_sigmas(5, 35, mu=0.0)  # no shift: the plain linspace schedule
+    torch.testing.assert_close(base[:-1], torch.linspace(1.0, 0.2, 5))
+    ref, _ = lens_sigmas(5, 35)
+    assert torch.equal(ref, lens_sigmas(5, 35, mu=compute_empirical_mu(35, 5))[0])
+    assert (ref[1:-1] > base[1:-1]).all()  # the empirical shift spends more steps at high noise

@@ -87,11 +87,11 @@ class LensEngine:
         self.graph_captures = 0
 
     # -- caches ---------------------------------------------------------------------------
-    def tables(self, num_steps: int, image_seq_len: int) -> StepTables:
+    def tables(self, num_steps: int, image_seq_len: int, mu=None) -> StepTables:
         model = self.pipe.transformer
-        key = (num_steps, image_seq_len, model.dtype, model.device)
+        key = (num_steps, image_seq_len, mu, model.dtype, model.device)
         if key not in self._tables:
-            self._tables[key] = build_step_tables(model, num_steps, image_seq_len)
+            self._tables[key] = build_step_tables(model, num_steps, image_seq_len, mu=mu)
             while len(self._tables) > 16:
                 self._tables.popitem(last=False)
         self._tables.move_to_end(key)
@@ -150,7 +150,7 @@ class LensEngine:
     @torch.no_grad()
     def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
                 guidance_scale: float, callback_on_step_end=None,
-                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None):
+                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None, mu=None):
         model = self.pipe.transformer
         h, w = grid
         batch = latents.shape[0]
@@ -161,7 +161,7 @@ class LensEngine:
                              f"{2 * batch if cfg else batch} rows ({'[cond; uncond]' if cfg else 'cond'}) with a mask")
         if latents.shape[1] != h * w:
             raise ValueError(f"latents have {latents.shape[1]} tokens; expected h*w = {h}*{w} = {h * w}")
-        tables = self.tables(num_inference_steps, h * w)
+        tables = self.tables(num_inference_steps, h * w, mu)
         txt, first, later = bucket_text(project_text(model, feats), mask.to(model.device), self.text_bucket)
         latent_dtype = torch.float32 if self.keep_fp32_latents else model.dtype
         runner = self._runner(grid, batch, cfg, txt.shape[1], latent_dtype)

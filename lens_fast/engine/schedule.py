@@ -52,13 +52,13 @@ class StepTables:
 
 
 @torch.no_grad()
-def build_step_tables(model, num_steps: int, image_seq_len: int, device=None) -> StepTables:
+def build_step_tables(model, num_steps: int, image_seq_len: int, device=None, mu=None) -> StepTables:
     """Tables for ``num_steps`` steps at ``image_seq_len`` image tokens (the shift mu
     depends on both). Arithmetic as the reference: timestep ``t.to(dtype) / 1000``,
     ``temb`` in the model dtype, ``Linear(SiLU(temb))`` per block and stream."""
     device = model.device if device is None else torch.device(device)
     dtype = model.dtype
-    sigmas, timesteps = lens_sigmas(num_steps, image_seq_len, device=device)
+    sigmas, timesteps = lens_sigmas(num_steps, image_seq_len, device=device, mu=mu)
     sigma_in = timesteps.to(dtype) / 1000
     temb = model.time_text_embed(sigma_in, dtype)                      # [n, dim]
     rows = []
