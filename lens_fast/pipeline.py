@@ -9,7 +9,6 @@ only the cond half (the rescaled combination equals cond exactly).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .models.config import read_json
 from .models.loading import resolve_dtype
 from .models.transformer import LensTransformer2DModel
 from .sampling import cfg_combine, lens_sigmas
@@ -137,11 +137,7 @@ class LensPipeline:
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
             raise FileNotFoundError(f"{folder} is not a Lens checkpoint folder: model_index.json is missing")
-        with open(index_path, encoding="utf-8") as f:
-            try:
-                index = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{index_path} is not valid JSON: {e}") from None
+        index = read_json(index_path)
 
         def present(name):
             entry = index.get(name)
@@ -159,8 +155,7 @@ class LensPipeline:
         sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
         if not os.path.isfile(sched_path):
             raise FileNotFoundError(f"missing {sched_path}")
-        with open(sched_path, encoding="utf-8") as f:
-            scheduler_config = json.load(f)
+        scheduler_config = read_json(sched_path)
         text_encoder = None
         if present("text_encoder"):
             from .text_encoder import LensTextEncoder

@@ -25,7 +25,6 @@ Design choices:
   reference); the valid positions are the same either way.
 """
 import importlib.metadata
-import json
 import logging
 import operator
 import os
@@ -36,6 +35,9 @@ from datetime import datetime
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from .models.config import read_json
+from .models.loading import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +93,6 @@ def _decoder_stack(model) -> Tuple[torch.nn.Module, torch.nn.ModuleList]:
         return model, model.layers
     raise TypeError(f"{type(model).__name__} has neither .model.layers nor .layers; expected a GPT-OSS "
                     "causal LM (GptOssForCausalLM) or its decoder (GptOssModel)")
-
-
-def _resolve_dtype(torch_dtype) -> Optional[torch.dtype]:
-    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
-        return torch_dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    key = str(torch_dtype).replace("torch.", "").lower()
-    if key not in names:
-        raise ValueError(f"torch_dtype={torch_dtype!r}; expected a torch.dtype or one of {sorted(names)}")
-    return names[key]
 
 
 def _distribution_installed(name: str) -> bool:
@@ -218,13 +209,9 @@ class LensTextEncoder:
             raise FileNotFoundError(f"{te_dir} holds no weights; expected model*.safetensors (or an index json)")
         if not any(os.path.isfile(os.path.join(tok_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
             raise FileNotFoundError(f"{tok_dir} holds neither tokenizer.json nor tokenizer_config.json")
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+        config = read_json(config_path)
 
-        dtype = _resolve_dtype(torch_dtype)
+        dtype = resolve_dtype(torch_dtype)
         kwargs = {}
         quant = config.get("quantization_config") or {}
         if quant.get("quant_method") == "mxfp4":
@@ -278,7 +265,7 @@ class LensTextEncoder:
 
     def to(self, device=None, dtype=None) -> "LensTextEncoder":
         """Moves (and optionally casts) the model; cached features stay where they are."""
-        self.model.to(device=device, dtype=_resolve_dtype(dtype))
+        self.model.to(device=device, dtype=resolve_dtype(dtype))
         return self
 
     # -- text -----------------------------------------------------------------------------
@@ -387,7 +374,7 @@ class LensTextEncoder:
         mask [B, S] bool), moved to ``device`` / cast to ``dtype`` when given."""
         prompts = self._check_prompts(prompts)
         max_len = self._check_max_len(max_sequence_length)
-        dtype = _resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype)
         if self.cache_size == 0:
             feats, mask = self._encode_uncached(prompts, max_len, self.template_date, self._date_explicit)
         else:

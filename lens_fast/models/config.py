@@ -6,6 +6,15 @@ import os
 from typing import Any, Dict
 
 
+def read_json(path: str):
+    """A JSON file's content, or a ValueError naming the file when it is not valid JSON."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 class Config(dict):
     """A ``config.json`` as a dict whose keys are also attributes (as diffusers' FrozenDict)."""
 
@@ -32,11 +41,7 @@ class Config(dict):
     def from_json_file(cls, path: str) -> "Config":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"missing config file {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, source=path)

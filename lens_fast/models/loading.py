@@ -24,8 +24,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 def resolve_dtype(dtype) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
+    key = str(dtype).replace("torch.", "").lower()
+    if key in DTYPES:
+        return DTYPES[key]
     raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)} or a torch.dtype")
 
 

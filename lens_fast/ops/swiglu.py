@@ -29,26 +29,25 @@ def _rows(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 
-def _launch_fwd(a2: Tensor, b2: Tensor, out2: Tensor) -> None:
+def _launch(kernel_name: str, a2: Tensor, *tensors: Tensor) -> None:
+    """Launch a [rows, F] elementwise kernel over ``a2``'s shape; the kernel takes
+    ``tensors`` (a2 among them), then rows, F, then each tensor's row stride."""
     kern = triton_kernels("swiglu")
     rows, f = a2.shape
     if rows == 0 or f == 0:
         return
     tile_rows, block_f, warps = kern.config(f, not a2.is_cuda)
     grid = (-(-rows // tile_rows), -(-f // block_f))
-    kern.silu_mul_fwd_kernel[grid](a2, b2, out2, rows, f, a2.stride(0), b2.stride(0), out2.stride(0),
-                                   ROWS=tile_rows, BLOCK_F=block_f, num_warps=warps)
+    getattr(kern, kernel_name)[grid](*tensors, rows, f, *(t.stride(0) for t in tensors),
+                                     ROWS=tile_rows, BLOCK_F=block_f, num_warps=warps)
+
+
+def _launch_fwd(a2: Tensor, b2: Tensor, out2: Tensor) -> None:
+    _launch("silu_mul_fwd_kernel", a2, a2, b2, out2)
 
 
 def _launch_bwd(g2: Tensor, a2: Tensor, b2: Tensor, da2: Tensor, db2: Tensor) -> None:
-    kern = triton_kernels("swiglu")
-    rows, f = a2.shape
-    if rows == 0 or f == 0:
-        return
-    tile_rows, block_f, warps = kern.config(f, not a2.is_cuda)
-    grid = (-(-rows // tile_rows), -(-f // block_f))
-    kern.silu_mul_bwd_kernel[grid](g2, a2, b2, da2, db2, rows, f, g2.stride(0), a2.stride(0), b2.stride(0),
-                                   da2.stride(0), db2.stride(0), ROWS=tile_rows, BLOCK_F=block_f, num_warps=warps)
+    _launch("silu_mul_bwd_kernel", a2, g2, a2, b2, da2, db2)
 
 
 def _supports(*tensors, **_k) -> bool:
