@@ -19,7 +19,7 @@ cd "$ROOT"
 RESULTS="${1:-${OUT:-$ROOT/bench/results/gpu_check_$(date +%Y%m%d_%H%M%S)}}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 SUITES="${GPU_CHECK_SUITES-attention train_step pipeline fp8}"
@@ -107,6 +107,11 @@ if [[ "$DRY" != 1 ]]; then
   say "3. CUDA extension for sm_$ARCH"
   run_step build 240 env LENS_FAST_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
+  if ! "$PY" -c "import lens_fast._C" 2>/dev/null; then
+    # an editable install that left the extension outside the source tree: build it in place
+    run_step build_inplace 180 env LENS_FAST_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" \
+      "$PY" setup.py build_ext --inplace
+  fi
   "$PY" -c "import lens_fast._C as c; print('lens_fast._C:', c.__file__)" 2>&1 | tee -a "$RESULTS/build.log"
 
   say "4. GPU tests"
@@ -116,7 +121,7 @@ fi
 
 say "5-6. ceilings and benchmark suites"
 run_step ceilings 60 "$PY" bench/ops.py --only-ceilings --out "$RESULTS" "${BENCH_FLAGS[@]}"
-run_step ops 170 "$PY" bench/ops.py --out "$RESULTS" --ceilings-json "$RESULTS/ceilings.json" "${BENCH_FLAGS[@]}"
+run_step ops "${GPU_CHECK_OPS_CAP_S:-120}" "$PY" bench/ops.py --out "$RESULTS" --ceilings-json "$RESULTS/ceilings.json" "${BENCH_FLAGS[@]}"
 for suite in $SUITES; do
   script="bench/$suite.py"
   if [[ ! -f "$script" ]]; then
@@ -125,7 +130,7 @@ for suite in $SUITES; do
     printf "%s\tskipped (no --dry-run)\t0\t-\n" "$suite" >> "$STEPS"
   else
     # shellcheck disable=SC2046 - out_args is two words on purpose
-    run_step "$suite" 120 "$PY" "$script" $(out_args "$script") "${BENCH_FLAGS[@]}"
+    run_step "$suite" "${GPU_CHECK_SUITE_CAP_S:-100}" "$PY" "$script" $(out_args "$script") "${BENCH_FLAGS[@]}"
   fi
 done
 

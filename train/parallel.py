@@ -148,12 +148,19 @@ def apply_fsdp(model: LensTransformer2DModel, param_dtype: torch.dtype, reduce_d
 
     # The root returns proj_out's output, a view; nothing here updates it in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Only the root casts its floating inputs to param_dtype. The blocks must not: their
+    # inputs include the float32 RoPE table (cos, sin), which a bf16 cast would round
+    # (and the fused qk_norm_rope op rejects); img/txt/temb reach them in param_dtype
+    # already, as outputs of the root's own bf16 layers.
+    mp_root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    mp_block = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     blocks = list(model.transformer_blocks)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mp_policy=mp_block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    # The root's parameters (embedders, norm_out, proj_out) are the first backward needs:
+    # never reshard them after forward (what FSDP2 does for a root left on its default).
+    fully_shard(model, mp_policy=mp_root, reshard_after_forward=False)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..sampling import cfg_combine
 from .denoiser import FastDenoiser, default_compile_mode
-from .graphs import capture_step
+from .graphs import GraphPool
 from .schedule import StepTables, bucket_text, build_step_tables, project_text
 from .vae_decode import FastDecoder
 
@@ -85,6 +85,7 @@ class LensEngine:
         self._tables: "OrderedDict[tuple, StepTables]" = OrderedDict()
         self._runners: "OrderedDict[tuple, _Runner]" = OrderedDict()
         self.graph_captures = 0
+        self._graph_pool = GraphPool()
 
     # -- caches ---------------------------------------------------------------------------
     def tables(self, num_steps: int, image_seq_len: int, mu=None) -> StepTables:
@@ -101,6 +102,7 @@ class LensEngine:
         """Drop cached tables, buffers and graphs (needed after changing the weights)."""
         self._tables.clear()
         self._runners.clear()
+        self._graph_pool = GraphPool()
 
     def _runner(self, grid, batch: int, cfg: bool, txt_len: int, latent_dtype) -> _Runner:
         model = self.pipe.transformer
@@ -173,7 +175,7 @@ class LensEngine:
         buf.guidance.fill_(float(guidance_scale))
         self._load_step(buf, tables, 0)
         if self.cuda_graphs and runner.graph is None:
-            runner.graph = capture_step(lambda: self._step(buf), [buf.latents, buf.noise_pred], model.device)
+            runner.graph = self._graph_pool.capture(lambda: self._step(buf), [buf.latents, buf.noise_pred])
             self.graph_captures += 1
         run = runner.graph.replay if runner.graph is not None else (lambda: self._step(buf))
         bar = tqdm(total=num_inference_steps, **{"disable": False, "leave": False, **self.pipe._progress})

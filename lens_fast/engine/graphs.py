@@ -13,9 +13,9 @@ replays. Rules the step obeys so capture is legal and replays are correct:
   iterations on a side stream before capture; the warm-up mutates the latents buffer,
   so the buffers named in ``restore`` are snapshot before and restored after.
 
-All graphs of one engine share one memory pool: their intermediates are dead between
-replays and graphs never run concurrently, so one pool sized for the largest shape
-serves every (resolution, batch, text bucket).
+All graphs of one engine share one memory pool (``GraphPool``): their intermediates are
+dead between replays and graphs never run concurrently, so one pool sized for the
+largest shape serves every (resolution, batch, text bucket).
 """
 from __future__ import annotations
 
@@ -54,18 +54,29 @@ class CapturedStep:
         self.graph.replay()
 
 
-_POOLS = {}
+class GraphPool:
+    """One memory pool for all graphs of one engine.
+
+    The pool is the first captured graph's own (``graph.pool()``) and that graph is kept
+    alive as long as this object. Reusing a bare ``graph_pool_handle()`` id is not safe:
+    once every graph that used an id is destroyed while blocks of its pool are still
+    live, PyTorch keeps the pool with a zero use count and a later capture into that id
+    fails an internal assert (``it->second->use_count > 0``, seen on torch 2.11 / H200
+    after an engine's graphs were evicted and a new engine captured).
+    """
+
+    def __init__(self):
+        self._keeper: Optional[CapturedStep] = None
+
+    def capture(self, fn: Callable[[], None], restore: Sequence[torch.Tensor]) -> CapturedStep:
+        pool = None if self._keeper is None else self._keeper.graph.pool()
+        step = CapturedStep(fn, restore, pool)
+        if self._keeper is None:
+            self._keeper = step
+        return step
 
 
-def shared_pool(device: torch.device):
-    """One graph memory pool per device, shared by every engine graph on it."""
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    if index not in _POOLS:
-        _POOLS[index] = torch.cuda.graph_pool_handle()
-    return _POOLS[index]
-
-
-def capture_step(fn: Callable[[], None], restore: Sequence[torch.Tensor], device: torch.device,
-                 pool: Optional[object] = None) -> CapturedStep:
-    return CapturedStep(fn, restore, pool if pool is not None else shared_pool(device))
+def capture_step(fn: Callable[[], None], restore: Sequence[torch.Tensor],
+                 pool: Optional[GraphPool] = None) -> CapturedStep:
+    """Capture ``fn`` into ``pool`` (a fresh private pool when None)."""
+    return (pool or GraphPool()).capture(fn, restore)

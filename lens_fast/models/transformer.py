@@ -30,6 +30,14 @@ class Transformer2DModelOutput:
     sample: torch.Tensor
 
 
+# A pytree node, as diffusers' BaseOutput is: FSDP2 on torch <= 2.12 finds the tensors it
+# hooks for backward with tree_flatten, which treats an unregistered dataclass as a leaf
+# (no pre-backward all-gather of the root's parameters: "setStorage ... storage of size 0",
+# seen on torch 2.11 / H200).
+torch.utils._pytree.register_pytree_node(
+    Transformer2DModelOutput, lambda o: ([o.sample], None), lambda values, _: Transformer2DModelOutput(*values))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with weight; statistics in float32 (diffusers semantics)."""
 

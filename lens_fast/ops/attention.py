@@ -28,13 +28,13 @@ Backends and how each keeps text padding free and NaN-free:
 
 Selection: argument ``backend`` > ``LENS_FAST_ATTENTION`` (flash_attn|sdpa|triton|torch,
 this op only; a named backend that cannot run is an error) > ``LENS_FAST_BACKEND`` (family,
-see ``dispatch``) > auto. Auto, by expected speed (to be confirmed by bench/attention.py):
-CUDA fp16/bf16: flash_attn if installed; else on Hopper (sm_90+) triton (wgmma tiles,
-padding skipped without a host sync), where PyTorch's SDPA flash kernel is
-FlashAttention-2 without Hopper instructions; before Hopper sdpa (its FlashAttention-2
-kernel is the mature one there), except inside torch.compile with a mask, where sdpa would
-fall back to a broadcast mask and triton is taken. fp32 or head dims outside (16, 32, 64,
-128): sdpa. CPU: sdpa (the Triton interpreter is a test vehicle, used only when named).
+see ``dispatch``) > auto. Auto, by measured speed (bench/attention.py, H200, torch 2.11,
+bench/results/): CUDA fp16/bf16: flash_attn if installed; else sdpa, which on that card
+beat the Triton kernel at every Lens shape (B2 H24 D64, 4096+256 tokens: fwd 0.50 vs
+0.70 ms, bwd 1.33 vs 2.24 ms; with CFG padding 0.54 vs 0.71 / 1.72 vs 2.68 ms), except
+inside torch.compile with a mask, where sdpa would fall back to a broadcast mask and
+triton is taken. fp32 or head dims outside (16, 32, 64, 128): sdpa. CPU: sdpa (the Triton
+interpreter is a test vehicle, used only when named).
 """
 from __future__ import annotations
 
@@ -249,11 +249,6 @@ def _flash_supports(q, k, v, txt_mask=None, auto=False, compiling=False) -> bool
         and q.shape[-1] <= 256
 
 
-def _cuda_arch(t: torch.Tensor) -> int:
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return 10 * major + minor
-
-
 def _triton_supports(q, k, v, txt_mask=None, auto=False, compiling=False) -> bool:
     tensors = [t for t in (q, k, v, txt_mask) if t is not None]
     if not dispatch.triton_supports(*tensors):
@@ -262,12 +257,12 @@ def _triton_supports(q, k, v, txt_mask=None, auto=False, compiling=False) -> boo
         return False
     if not auto:
         return True
-    # Auto never picks the CPU interpreter nor fp32 (SDPA's job). Before Hopper it leaves
-    # eager runs to SDPA's FlashAttention-2 kernel, but takes compiled masked runs, where
-    # SDPA could only use a broadcast mask over the padding.
+    # Auto never picks the CPU interpreter nor fp32 (SDPA's job). It leaves eager runs to
+    # SDPA (faster on H200 in bench/attention.py, masked or not), but takes compiled masked
+    # runs, where SDPA could only use a broadcast mask over the padding.
     if not q.is_cuda or q.dtype == torch.float32:
         return False
-    return _cuda_arch(q) >= 90 or (compiling and txt_mask is not None)
+    return compiling and txt_mask is not None
 
 
 def _sdpa_supports(q, k, v, txt_mask=None, auto=False, compiling=False) -> bool:
