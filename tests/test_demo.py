@@ -41,3 +41,30 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     assert all(t in md for t in TAG_ORDER) and "overall" in md
     with pytest.raises(FileExistsError, match="not empty"):
         main(["--quick", "--out", str(out)])
+
+
+def test_quick_resolution_ablation_reports_both_arms_on_unseen_aspect_ratios(tmp_path):
+    out = tmp_path / "ablation"
+    assert main(["--quick", "--ablation", "resolution", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"buckets", "square-only"}
+    for arm in report.values():
+        assert set(arm["scores"]["per_tag"]) == set(TAG_ORDER)
+        assert arm["eval_sizes"] == [[24, 44], [44, 24]]  # 1:2 and 2:1, trained by neither arm
+    # equal compute: the same number of optimiser steps in both arms
+    assert report["buckets"]["steps"] == report["square-only"]["steps"] > 0
+    assert report["buckets"]["config"]["ratios"] != report["square-only"]["config"]["ratios"]
+    md = (out / "report.md").read_text()
+    assert "buckets" in md and "square-only" in md and "overall" in md
+    for arm in ("buckets", "square-only"):
+        assert (out / arm / "samples.png").is_file()
+
+
+def test_demo_model_starts_as_adaln_zero():
+    from lens_fast.toy.demo import build_config, build_model
+
+    model = build_model(build_config(True))
+    sd = model.state_dict()
+    assert torch.count_nonzero(sd["proj_out.weight"]) == 0
+    assert torch.count_nonzero(sd["transformer_blocks.0.img_mod.1.weight"]) == 0
+    assert torch.count_nonzero(sd["transformer_blocks.0.img_mlp.w1.weight"]) > 0

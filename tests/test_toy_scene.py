@@ -249,3 +249,14 @@ def test_toy_modules_import_only_numpy_and_pil():
             for mod in mods:
                 assert mod.split(".")[0] in {"numpy", "PIL", "math", "dataclasses", "__future__"}, \
                     f"lens_fast/toy/{name}.py imports {mod}; the toy world must stay numpy + PIL"
+
+
+def test_make_samples_can_restrict_background_textures():
+    from lens_fast.toy import make_samples as _make
+
+    flat = _make(24, seed=3, buckets=[(32, 32)], textures=("flat",))
+    assert all(s["scene"]["texture"] == "flat" for s in flat)
+    every = _make(24, seed=3, buckets=[(32, 32)])
+    assert {s["scene"]["texture"] for s in every} != {"flat"}  # the default draws textured ones too
+    with pytest.raises(ValueError, match="textures"):
+        _make(2, seed=0, textures=("marble",))

@@ -8,8 +8,10 @@ growing with the token count, caption dropout for CFG, EMA), and LensPipeline's
 sampler (CFG with the norm rescale). Held-out compositions are scored with ShapeEval,
 GenEval-style. Ablations (``--ablation captions|resolution``) train at equal compute.
 
-Time plan on a 2-core CPU (default): ~1 min data + text features, ~7 min training,
-~1 min sampling and scoring. ``--quick`` shrinks everything to ~2 minutes.
+Time plan on a 2-core CPU (default): ~15 s data + text features, ~8 min training
+(2,400 steps on brief captions or the 480 s cap), ~30 s sampling and scoring before and
+after. ``--quick`` shrinks everything to about a minute. Ablation arms train
+``ablation_steps`` each (600; 40 with ``--quick``).
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ class DemoConfig:
     base: int = 32  # canvas area ~ base^2 (buckets at 5 aspect ratios)
     ratios: Tuple[Tuple[int, int], ...] = ((1, 2), (2, 3), (1, 1), (3, 2), (2, 1))
     pixel_patch: int = 4
-    captions: str = "mixed"  # dense | brief | mixed (50/50)
-    steps: int = 1200
+    captions: str = "brief"  # dense | brief | mixed (50/50); brief: ~2.7x the steps of dense or mixed per minute here
+    textures: Tuple[str, ...] = ("flat", "gradient", "noise")  # background textures of the training set
+    train_mu: Optional[float] = None  # logit-normal location of the training sigmas (None: 0 -> 0.3 by tokens)
+    steps: int = 2400
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -56,10 +60,11 @@ class DemoConfig:
     guidance: float = 4.0
     seed: int = 0
     max_train_seconds: float = 480.0
+    ablation_steps: int = 600  # optimiser steps of EACH ablation arm (equal compute across arms)
 
 
 QUICK = dict(name="quick", n_samples=600, steps=120, warmup=20, ema_decay=0.9, eval_per_tag=4, sample_steps=10,
-             max_train_seconds=60.0)
+             max_train_seconds=60.0, ablation_steps=40)
 
 
 def build_config(quick: bool, **overrides) -> DemoConfig:
@@ -76,7 +81,7 @@ def build_data(cfg: DemoConfig, text_encoder: MiniLMTextEncoder, bar) -> Tuple[d
     from ..train.data import BucketData, PixelSpace
 
     buckets = aspect_buckets(cfg.base, cfg.ratios, multiple=cfg.pixel_patch)
-    samples = make_samples(cfg.n_samples, cfg.seed, buckets=buckets)
+    samples = make_samples(cfg.n_samples, cfg.seed, buckets=buckets, textures=cfg.textures)
     rng = np.random.default_rng(cfg.seed + 17)
     if cfg.captions == "dense":
         captions = [s["dense"] for s in samples]
@@ -115,10 +120,17 @@ def model_kwargs(cfg: DemoConfig) -> dict:
 
 
 def build_model(cfg: DemoConfig):
+    """The miniature model with the trainer's own initialisation (adaLN-Zero as DiT:
+    modulation and the output head start at zero, so every block starts as the identity)."""
     from ..models.transformer import LensTransformer2DModel
+    from ..train.parallel import init_rule
 
     torch.manual_seed(cfg.seed)
-    return LensTransformer2DModel(**model_kwargs(cfg))
+    model = LensTransformer2DModel(**model_kwargs(cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(init_rule(name, tuple(p.shape), cfg.seed))
+    return model
 
 
 def train_config(cfg: DemoConfig, data: dict):
@@ -132,6 +144,8 @@ def train_config(cfg: DemoConfig, data: dict):
     tc.loss.caption_dropout = cfg.caption_dropout
     tokens = sorted(g[0] * g[1] for g in data)
     tc.loss.mu_points = [[tokens[0], 0.0], [max(tokens[-1], tokens[0] + 1), 0.3]]
+    if cfg.train_mu is not None:
+        tc.loss.mu_points = [[p[0], float(cfg.train_mu)] for p in tc.loss.mu_points]
     tc.ema.decay = cfg.ema_decay
     tc.checkpoint.every = cfg.steps + 1  # no out_dir: nothing is written anyway
     tc.logging.every, tc.logging.sample_every, tc.logging.progress_bar = 10, 0, False
@@ -300,23 +314,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise FileExistsError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
     cfg = build_config(args.quick, seed=args.seed)
     text_encoder = MiniLMTextEncoder()
+    if args.ablation:
+        # Every arm trains the same number of optimiser steps on the same batch size (the
+        # time cap is only a guard); each arm's wall time is in its report.
+        arm = replace(cfg, steps=cfg.ablation_steps, warmup=min(cfg.warmup, cfg.ablation_steps // 4))
     if args.ablation == "captions":
         reports = {}
         for mode in ("dense", "brief", "mixed"):
-            reports[mode] = run(replace(cfg, name=f"captions-{mode}", captions=mode), os.path.join(args.out, mode),
+            reports[mode] = run(replace(arm, name=f"captions-{mode}", captions=mode), os.path.join(args.out, mode),
                                 text_encoder)
-        _write(args.out, reports, "Caption ablation (equal steps): dense vs brief vs 50/50 mixed")
+        _write(args.out, reports, f"Caption ablation ({arm.steps} steps each): dense vs brief vs 50/50 mixed")
     elif args.ablation == "resolution":
         # Both models are scored on 1:2 and 2:1, which neither trains on.
         unseen = aspect_buckets(cfg.base, ((1, 2), (2, 1)), multiple=cfg.pixel_patch)
         reports = {
-            "buckets": run(replace(cfg, name="buckets", ratios=((2, 3), (1, 1), (3, 2))),
+            "buckets": run(replace(arm, name="buckets", ratios=((2, 3), (1, 1), (3, 2))),
                            os.path.join(args.out, "buckets"), text_encoder, eval_sizes=unseen),
-            "square-only": run(replace(cfg, name="square-only", ratios=((1, 1),)),
+            "square-only": run(replace(arm, name="square-only", ratios=((1, 1),)),
                                os.path.join(args.out, "square-only"), text_encoder, eval_sizes=unseen),
         }
-        _write(args.out, reports, "Resolution ablation (equal steps): buckets (2:3, 1:1, 3:2) vs one square "
-                                  "size, both scored on aspect ratios neither trained on (1:2 and 2:1)")
+        _write(args.out, reports, f"Resolution ablation ({arm.steps} steps each): buckets (2:3, 1:1, 3:2) vs one "
+                                  "square size, both scored on aspect ratios neither trained on (1:2 and 2:1)")
     else:
         report = run(cfg, args.out, text_encoder)
         _write(args.out, {cfg.name: report}, "lens_fast demo: a miniature Lens trained on this CPU")

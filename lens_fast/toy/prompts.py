@@ -13,10 +13,12 @@ prompt text itself novel (the held-out pair or layout is what the prompt names).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .captions import brief_caption, dense_caption, metadata
-from .scene import (INVERSE_RELATION, TAGS, Scene, as_scene, aspect_buckets,
+from .scene import (INVERSE_RELATION, TAGS, TEXTURES, Scene, as_scene, aspect_buckets,
                     cell_relation, render_scene, sample_scene)
 
 HELDOUT_COLOR_CLASS = frozenset({("red", "triangle"), ("green", "square"),
@@ -77,11 +79,12 @@ def heldout_prompts(n_per_tag: int, seed: int, tags=TAGS) -> list[dict]:
 
 
 def make_samples(n: int, seed: int, buckets=DEFAULT_BUCKETS, tags=TAGS,
-                 color_jitter: int = 0, supersample: int = 4) -> list[dict]:
+                 color_jitter: int = 0, supersample: int = 4, textures=None) -> list[dict]:
     """`n` training samples, never held out: a list of {"image": PIL RGB, "dense",
     "brief", "metadata", "scene": scene dict, "size": (width, height)}. Each sample's
     canvas is drawn uniformly from `buckets` ((width, height) pairs) and its tag from
-    `tags`; `color_jitter` shifts object colours by up to +-that per channel."""
+    `tags`; `color_jitter` shifts object colours by up to +-that per channel;
+    `textures` (a subset of TEXTURES) restricts the background textures drawn."""
     if n < 0:
         raise ValueError(f"n={n}: expected >= 0")
     buckets = [tuple(int(v) for v in b) for b in buckets]
@@ -91,11 +94,18 @@ def make_samples(n: int, seed: int, buckets=DEFAULT_BUCKETS, tags=TAGS,
     for tag in tags:
         if tag not in TAGS:
             raise ValueError(f"tag={tag!r} is not valid; expected one of {list(TAGS)}")
+    if textures is not None:
+        textures = tuple(textures)
+        bad = [t for t in textures if t not in TEXTURES]
+        if not textures or bad:
+            raise ValueError(f"textures={textures!r}: expected a non-empty subset of {list(TEXTURES)}")
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):
         tag = tags[int(rng.integers(len(tags)))]
         scene = sample_scene(rng, tag, exclude=is_heldout)
+        if textures is not None and scene.texture not in textures:
+            scene = replace(scene, texture=textures[int(rng.integers(len(textures)))])
         width, height = buckets[int(rng.integers(len(buckets)))]
         image = render_scene(scene, width, height, supersample=supersample,
                              color_jitter=color_jitter, rng=rng)
