@@ -75,8 +75,3 @@ class GraphPool:
             self._keeper = step
         return step
 
-
-def capture_step(fn: Callable[[], None], restore: Sequence[torch.Tensor],
-                 pool: Optional[GraphPool] = None) -> CapturedStep:
-    """Capture ``fn`` into ``pool`` (a fresh private pool when None)."""
-    return (pool or GraphPool()).capture(fn, restore)
