@@ -19,9 +19,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -29,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lens_fast.ops import attention as A  # noqa: E402
 from lens_fast.ops import dispatch  # noqa: E402
+from _timing import timer  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 BACKENDS = ("flash_attn", "sdpa", "triton", "torch")
 TORCH_MATH_MAX_BYTES = 8 << 30  # the math backend materialises fp32 [B, H, L, L] scores
@@ -47,29 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="also time every Triton config in SWEEP_CONFIGS")
     p.add_argument("--no-fp8", action="store_true", help="skip the opt-in FP8 forward entry")
     return p.parse_args(argv)
-
-
-def timer(device: torch.device, rep_ms: int):
-    """fn -> (median, p20, p80) in ms: triton.testing.do_bench on CUDA, wall clock on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        def run(fn, grad_to_none=None):
-            med, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none,
-                                     quantiles=[0.5, 0.2, 0.8])
-            return med, p20, p80
-        return run
-
-    def run_cpu(fn, grad_to_none=None):
-        fn()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        q = statistics.quantiles(times, n=5)
-        return statistics.median(times), q[0], q[-1]
-    return run_cpu
 
 
 def make_case(B, n_img, n_txt, H, D, dtype, device, padded):

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -39,6 +38,7 @@ from lens_fast import LensTransformer2DModel  # noqa: E402
 from lens_fast.ops import fused  # noqa: E402
 from lens_fast.quant import fp8 as Q  # noqa: E402
 from lens_fast.quant.report import model_quality_report  # noqa: E402
+from _timing import timer  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 GEMM_TARGET, STEP_TARGET = 1.5, 1.35
 OFFICIAL = dict(num_layers=48, num_attention_heads=24, attention_head_dim=64, enc_hidden_dim=2880,
@@ -58,25 +58,6 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="a Lens checkpoint folder: also report FP8 quality through "
                                                       "the full pipeline (text encoder, VAE, decoded images)")
     return p.parse_args(argv)
-
-
-def timer(device: torch.device, rep_ms: int):
-    """fn -> (median, p20, p80) ms: triton.testing.do_bench on CUDA, wall clock on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: tuple(do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
-
-    def run(fn):
-        fn()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        q = statistics.quantiles(times, n=5)
-        return statistics.median(times), q[0], q[-1]
-    return run
 
 
 def _peak_gib(device):
