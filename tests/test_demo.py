@@ -37,8 +37,17 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     assert all(0.0 <= report["scores"]["per_tag"][t] <= 1.0 for t in TAG_ORDER)
     assert report["steps"] > 0 and report["throughput"]["samples_per_s"] > 0
     assert report["untrained"]["overall"] <= 0.1
+    # both prompt modes are scored (brief prompts as written, and their rewrites), before and after training
+    assert report["prompts"] == "rewritten"
+    for key in ("scores_by_prompts", "untrained_by_prompts"):
+        assert set(report[key]) == {"as_written", "rewritten"}
+        for sc in report[key].values():
+            assert set(sc["per_tag"]) == set(TAG_ORDER) and sc["n"] == report["scores"]["n"] > 0
+    assert report["scores"] == report["scores_by_prompts"]["rewritten"]
+    assert all(sc["overall"] <= 0.1 for sc in report["untrained_by_prompts"].values())
     md = (out / "report.md").read_text()
     assert all(t in md for t in TAG_ORDER) and "overall" in md
+    assert "as_written" in md and "rewritten" in md
     with pytest.raises(FileExistsError, match="not empty"):
         main(["--quick", "--out", str(out)])
 
@@ -68,3 +77,17 @@ def test_demo_model_starts_as_adaln_zero():
     assert torch.count_nonzero(sd["proj_out.weight"]) == 0
     assert torch.count_nonzero(sd["transformer_blocks.0.img_mod.1.weight"]) == 0
     assert torch.count_nonzero(sd["transformer_blocks.0.img_mlp.w1.weight"]) > 0
+
+
+def test_quick_captions_ablation_reports_every_arm_under_both_prompt_modes(tmp_path):
+    out = tmp_path / "captions"
+    assert main(["--quick", "--ablation", "captions", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"dense", "brief", "mixed", "layout"}
+    assert len({arm["steps"] for arm in report.values()}) == 1  # equal optimiser steps per arm
+    for mode, arm in report.items():
+        assert arm["config"]["captions"] == mode
+        for sc in arm["scores_by_prompts"].values():
+            assert set(sc["per_tag"]) == set(TAG_ORDER)
+    md = (out / "report.md").read_text()
+    assert all(f"captions-{m}" in md for m in report) and md.count("rewritten") >= 4

@@ -122,6 +122,24 @@ def test_low_precision_close_to_fp32(tmp_path, dtype):
     assert _rel_err(out.float(), ref) < 0.05
 
 
+def test_float32_weights_under_bf16_autocast_run_and_stay_close():
+    """The trainer's non-FSDP low-precision path: float32 parameters under autocast. The
+    linears give bf16 v while RMSNorm (float32 weights) and RoPE give float32 q, k; the
+    attention must still run (in bf16, as autocast's SDPA would) and train."""
+    model = make_tiny_transformer(seed=7)
+    x, feats, mask, t, shapes = _inputs(model)
+    with torch.no_grad():
+        ref = model(x, feats, mask, t, shapes).sample
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, feats, mask, t, shapes).sample
+    assert out.dtype == torch.bfloat16
+    assert _rel_err(out.float(), ref) < 0.05
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) > len(list(model.parameters())) // 2 and all(torch.isfinite(g).all() for g in grads)
+    assert model.proj_out.weight.grad.abs().sum() > 0
+
+
 def test_gradient_checkpointing_same_gradients():
     model = make_tiny_transformer(seed=8)
     args = _inputs(model)

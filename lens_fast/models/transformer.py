@@ -184,6 +184,11 @@ class LensJointAttention(nn.Module):
                                      self.norm_q.weight, self.norm_k.weight,
                                      self.norm_added_q.weight, self.norm_added_k.weight,
                                      rope, self.eps)
+        if q.dtype != v.dtype:
+            # Under autocast the linears give bf16 v while RMSNorm with float32 weights and
+            # the float32 RoPE give float32 q, k; autocast's SDPA would run all three in the
+            # autocast dtype, so do the same (without autocast the dtypes already agree).
+            q, k = q.to(v.dtype), k.to(v.dtype)
         out = joint_attention(q, k, v, txt_mask, n_img=n).flatten(2).to(q.dtype)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 

@@ -15,12 +15,17 @@ Scenes (``scene.py``)
 Captions (``captions.py``)
     dense_caption(scene) -> str        # 40-100 words: every object, counts, places, relations
     brief_caption(scene, colors=None) -> str   # the GenEval-style prompt of its tag
+    layout_caption(scene) -> str       # compact, complete: "top left small red circle, ..., on plain white"
     metadata(scene) -> {"tag", "include", "prompt"[, "exclude"]}
 Data and held-out prompts (``prompts.py``)
     make_samples(n, seed, buckets=aspect_buckets(48), tags=TAGS, color_jitter=0)
         -> [{"image", "dense", "brief", "metadata", "scene", "size"}], never held out
     heldout_prompts(n_per_tag, seed) -> [{"prompt", "metadata", "scene"}], all held out
     is_heldout(scene) -> bool
+Prompt rewriting (``rewrite.py``)
+    parse_prompt(prompt) -> {"objects": [(count, colour or None, class)], "relation"}
+    rewrite_scene(prompt, seed) -> Scene   # satisfies the prompt; what it leaves open is drawn
+    rewrite_prompt(prompt, seed, max_words=100, style="dense"|"layout") -> str
 Scoring (``shapeeval.py``)
     score_image(image, metadata) -> {"correct", "reason", "objects", "background", ...}
     score_set(images, metadatas) -> {"per_tag", "overall", "n", "n_per_tag", "results"}
@@ -38,16 +43,18 @@ Sizes: a shape's box is 0.19 (small) or 0.28 (large) of the canvas short side: 9
 from a 24 px short side (4.6 px shapes) to 512 px in our tests; below 24 px it is
 untested, and 32 px is the smallest we would call comfortable.
 """
-from .captions import brief_caption, dense_caption, metadata
+from .captions import brief_caption, dense_caption, layout_caption, metadata
 from .prompts import (HELDOUT_COLOR_CLASS, HELDOUT_LAYOUTS, heldout_prompts, is_heldout,
                       make_samples)
 from .scene import (BACKGROUNDS, CLASSES, COLORS, PALETTE, RELATIONS, SIZES, TAGS, Scene,
                     ShapeObject, aspect_buckets, render_scene, sample_scene)
+from .rewrite import parse_prompt, rewrite_prompt, rewrite_scene
 from .shapeeval import detect_objects, score_image, score_set
 
 __all__ = [
     "BACKGROUNDS", "CLASSES", "COLORS", "HELDOUT_COLOR_CLASS", "HELDOUT_LAYOUTS", "PALETTE",
     "RELATIONS", "SIZES", "TAGS", "Scene", "ShapeObject", "aspect_buckets", "brief_caption",
-    "dense_caption", "detect_objects", "heldout_prompts", "is_heldout", "make_samples",
-    "metadata", "render_scene", "sample_scene", "score_image", "score_set",
+    "dense_caption", "detect_objects", "heldout_prompts", "is_heldout", "layout_caption", "make_samples",
+    "metadata", "parse_prompt", "render_scene", "rewrite_prompt", "rewrite_scene", "sample_scene",
+    "score_image", "score_set",
 ]
