@@ -90,4 +90,4 @@ def test_quick_captions_ablation_reports_every_arm_under_both_prompt_modes(tmp_p
         for sc in arm["scores_by_prompts"].values():
             assert set(sc["per_tag"]) == set(TAG_ORDER)
     md = (out / "report.md").read_text()
-    assert all(f"captions-{m}" in md for m in report) and md.count("rewritten") >= 4
+    assert all(f"| {m} | " in md for m in report) and md.count("rewritten") >= 4
