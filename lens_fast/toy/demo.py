@@ -198,8 +198,9 @@ CAPTION_MODES = ("dense", "brief", "mixed", "layout")
 
 def model_prompts(prompts: List[dict], mode: str, cfg: DemoConfig) -> List[str]:
     """The text each held-out prompt reaches the model as: the brief prompt itself, or its
-    dense rewrite (toy.rewrite: reads only the prompt; draws what it leaves open from a
-    generator fixed by the demo seed and the prompt's index)."""
+    rewrite in the training caption style (layout for a layout-trained model, else dense;
+    toy.rewrite reads only the prompt and draws what it leaves open from a generator fixed
+    by the demo seed and the prompt's index)."""
     if mode == "as_written":
         return [p["prompt"] for p in prompts]
     if mode == "rewritten":

@@ -1,4 +1,4 @@
-"""A prompt rewriter for the Lens world: short GenEval-style prompts in, dense captions out.
+"""A prompt rewriter for the Lens world: short GenEval-style prompts in, full captions out.
 
 Lens trains on dense captions and, like most caption-trained text-to-image models, is
 prompted at inference through a rewriter that expands a short user prompt into the
@@ -6,8 +6,9 @@ caption style it was trained on. This is the toy world's rule-based rewriter: it
 the prompt (the brief-caption grammar of `captions.brief_caption`), keeps everything
 the prompt states (classes, counts, colours, the relation) and draws what it leaves
 open (colours not named, sizes, grid cells, the background) from a seeded generator,
-then writes the scene's dense caption. It reads only the prompt text: never a scene,
-metadata or anything the scorer checks beyond what the prompt itself says.
+then writes the scene's caption in the style the model trained on (dense or layout).
+It reads only the prompt text: never a scene, metadata or anything the scorer checks
+beyond what the prompt itself says.
 
     >>> rewrite_prompt("a red circle to the left of a square", seed=0)  # doctest: +SKIP
     'A simple flat picture on a plain black background showing two shapes. ...'
