@@ -260,3 +260,22 @@ def test_make_samples_can_restrict_background_textures():
     assert {s["scene"]["texture"] for s in every} != {"flat"}  # the default draws textured ones too
     with pytest.raises(ValueError, match="textures"):
         _make(2, seed=0, textures=("marble",))
+
+
+def test_make_samples_bucket_weights_set_each_canvas_share():
+    from lens_fast.toy import make_samples as _make
+
+    buckets = [(24, 40), (32, 32), (40, 24)]
+    sizes = [s["size"] for s in _make(400, seed=5, buckets=buckets, bucket_weights=(1, 2, 1))]
+    share = sizes.count((32, 32)) / len(sizes)
+    assert 0.42 < share < 0.58, share  # 0.5 expected; binomial sd 0.025
+    assert 0.17 < sizes.count((24, 40)) / len(sizes) < 0.33
+    only = {s["size"] for s in _make(30, seed=5, buckets=buckets, bucket_weights=(0, 1, 0))}
+    assert only == {(32, 32)}
+    # without weights the draw is unchanged (uniform, same generator calls)
+    plain = [s["size"] for s in _make(40, seed=6, buckets=buckets)]
+    assert len(set(plain)) == 3
+    for bad in [(1, 1), (1, -1, 1), (0, 0, 0)]:
+        with pytest.raises(ValueError, match="bucket_weights"):
+            _make(2, seed=0, buckets=buckets, bucket_weights=bad)
+

@@ -10,6 +10,7 @@ from PIL import Image
 from lens_fast import LensTransformer2DModel
 from lens_fast.sampling import add_noise
 from lens_fast.train import BucketData, Callback, InMemorySource, Trainer, load_config
+from lens_fast.train.config import ConfigError
 from lens_fast.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint_weights
 from lens_fast.train.loss import (DROPOUT, NOISE, SIGMA, drop_captions, flow_matching_loss, logit_normal_mu,
                                   sample_sigmas, step_generator)
@@ -103,6 +104,18 @@ def test_ema_is_the_running_average_and_lr_warms_up_then_stays():
     assert [r["lr"] for r in rec.records] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
     assert rec.events == ["start", "end"] and [r["step"] for r in rec.records] == [1, 2, 3, 4, 5]
     trainer.close()
+
+
+def test_lr_cools_down_linearly_to_zero_over_decay_steps():
+    trainer = Trainer(tiny("optim.warmup_steps=2", "optim.lr=1e-3", "optim.decay_steps=4", "train.max_steps=10"))
+    lrs = [trainer.lr_at(s) for s in range(10)]
+    # warm-up 1/2, 2/2; constant; then the last 4 steps at 4/4, 3/4, 2/4, 1/4 of the peak
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    trainer.close()
+    with pytest.raises(ConfigError, match="decay_steps"):
+        tiny("optim.decay_steps=30", "train.max_steps=10").validate()
+    with pytest.raises(ConfigError, match="decay_steps"):
+        tiny("optim.decay_steps=-1").validate()
 
 
 def test_export_reloads_and_reproduces_the_trained_model(tmp_path):

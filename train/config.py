@@ -40,6 +40,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 1000  # linear warm-up from 0, then constant
+    # Optional linear cool-down to 0 over the last `decay_steps` before train.max_steps
+    # (warmup-stable-decay); 0 keeps the LR constant to the end, as Lens trains.
+    decay_steps: int = 0
     grad_clip: float = 1.0
 
 
@@ -188,6 +191,10 @@ class TrainConfig:
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ConfigError(f"optim.betas={self.optim.betas}: expected two numbers in [0, 1)")
         _positive(self.optim.warmup_steps, "optim.warmup_steps", integer=True)
+        _positive(self.optim.decay_steps, "optim.decay_steps", integer=True)
+        if self.optim.decay_steps > self.train.max_steps:
+            raise ConfigError(f"optim.decay_steps={self.optim.decay_steps} exceeds train.max_steps="
+                              f"{self.train.max_steps}; expected a cool-down inside the run")
         _positive(self.optim.grad_clip, "optim.grad_clip", strict=True)
         _positive(self.train.max_steps, "train.max_steps", integer=True)
         _positive(self.train.grad_accum, "train.grad_accum", strict=True, integer=True)

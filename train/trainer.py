@@ -172,9 +172,15 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        """Constant LR after a linear warm-up over ``optim.warmup_steps``."""
-        w = self.cfg.optim.warmup_steps
-        return self.cfg.optim.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+        """Linear warm-up over ``optim.warmup_steps``, then constant; with
+        ``optim.decay_steps`` > 0, a linear cool-down to 0 over the last decay_steps
+        before ``train.max_steps`` (the last step runs at lr / decay_steps)."""
+        o = self.cfg.optim
+        lr = o.lr * (min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0)
+        if o.decay_steps > 0:
+            left = self.cfg.train.max_steps - step
+            lr *= min(1.0, max(0.0, left / o.decay_steps))
+        return lr
 
     def compute_loss(self, batch: Batch, data_rank: int) -> torch.Tensor:
         return flow_matching_loss(self.model, batch.latents, batch.text, batch.text_mask, batch.img_shapes,

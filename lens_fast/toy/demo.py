@@ -3,10 +3,11 @@
 The real code paths run end to end: the Lens denoiser (4 blocks, 128 wide), real
 pre-trained MiniLM text features through the multi-layer path (per-layer RMSNorm,
 concatenation, txt_in), pixel space standing in for the VAE behind the same
-interface, the project's trainer (aspect-ratio buckets, logit-normal sigma with mu
-growing with the token count, caption dropout for CFG, EMA), and LensPipeline's
-sampler (CFG with the norm rescale). Held-out compositions are scored with ShapeEval,
-GenEval-style. Ablations (``--ablation captions|resolution``) train at equal compute.
+interface, the project's trainer (bucketed in-memory source, logit-normal sigma,
+caption dropout for CFG, EMA, warm-up then a linear LR cool-down fitted to the time
+cap), and LensPipeline's sampler (CFG with the norm rescale). Held-out compositions
+are scored with ShapeEval, GenEval-style. Ablations (``--ablation captions|resolution``)
+train at equal compute.
 
 Captions and prompts, as Lens does it: the default trains on complete captions (every
 object's place, size, colour and class and the background; ``layout_caption``, the dense
@@ -16,8 +17,19 @@ the model through a prompt rewriter (``toy.rewrite``) that expands them into tha
 drawing what the prompt leaves open at random. Both are scored: ``rewritten`` (the
 headline) and ``as_written`` (the brief prompt straight into the model).
 
+Choices measured on a 2-core CPU (README, "The demo"; bench/results/demo_cpu2_2026-11-27/):
+a 36x36 canvas (9x9 tokens of 4x4 px: every 3x3-grid cell is centred on a token, so
+all cells share one set of shape patterns), training sigmas at logit-normal mu 1.0
+(the class of a shape must come from the text only at high sigma, where the sampler
+spends most of its steps), CFG 2, and one square bucket: mixing in other aspect ratios
+halved the score at this budget, even at 1/8 of the samples each or with the text's RoPE
+offset unchanged (probably because each canvas puts the grid cells at other token
+positions, and an image token's only absolute reference is its RoPE offset to the text
+tokens, so each canvas needs its own layout); ``--ablation resolution`` trains the
+2:3/1:1/3:2 buckets against one square size.
+
 Time plan on a 2-core CPU (default): ~25 s data + text features, ~8 min training (the
-480 s cap), ~1 min sampling and scoring before and after (both prompt modes).
+480 s cap), ~1.5 min sampling and scoring before and after (both prompt modes).
 ``--quick`` shrinks everything to about a minute. Ablation arms train ``ablation_steps``
 each (600; 40 with ``--quick``).
 """
@@ -48,32 +60,40 @@ TAG_ORDER = ("single_object", "two_object", "counting", "colors", "position", "c
 class DemoConfig:
     name: str = "default"
     n_samples: int = 4000
-    base: int = 32  # canvas area ~ base^2 (one bucket per aspect ratio)
-    ratios: Tuple[Tuple[int, int], ...] = ((2, 3), (1, 1), (3, 2))
+    base: int = 36  # canvas area ~ base^2 per ratio; 36 px = 9x9 tokens, each grid cell centred on one
+    # One square bucket by default: at this scale every extra aspect ratio costs more than it
+    # teaches (README, "The demo"); --ablation resolution trains BUCKET_RATIOS against it.
+    ratios: Tuple[Tuple[int, int], ...] = ((1, 1),)
+    bucket_weights: Optional[Tuple[float, ...]] = None  # share of the samples per ratio (None: equal)
     pixel_patch: int = 4
     captions: str = "layout"  # layout | dense | brief | mixed (50/50 dense/brief); see the module docstring
     dense_words: int = 100  # word budget of the dense captions (40-100; optional sentences are dropped first)
     textures: Tuple[str, ...] = ("flat", "gradient", "noise")  # background textures of the training set
-    train_mu: Optional[float] = None  # logit-normal location of the training sigmas (None: 0 -> 0.3 by tokens)
+    train_mu: Optional[float] = 1.0  # logit-normal location of the training sigmas (None: 0 -> 0.3 by tokens)
     steps: int = 2400
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
+    decay_fraction: float = 0.4  # linear LR cool-down to 0 over this fraction of the steps that fit the time cap
+    betas: Tuple[float, float] = (0.9, 0.95)  # AdamW
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
     num_layers: int = 4
     heads: int = 4
     head_dim: int = 32
     eval_per_tag: int = 16
-    eval_sizes: Tuple[Tuple[int, int], ...] = ((32, 32),)  # (width, height) canvases for held-out prompts
+    eval_sizes: Tuple[Tuple[int, int], ...] = ((36, 36),)  # (width, height) canvases for held-out prompts
     rewrite_sizes: Tuple[str, ...] = ("small", "large")  # object sizes the rewriter may choose
     prompts: str = "rewritten"  # headline: "rewritten" (toy.rewrite, into the training caption style) or "as_written"
     sample_steps: int = 20
-    guidance: float = 4.0
+    guidance: float = 2.0
+    sample_mu: Optional[float] = None  # sampler's time-shift location (None: the reference's empirical mu)
     seed: int = 0
     max_train_seconds: float = 480.0
     ablation_steps: int = 600  # optimiser steps of EACH ablation arm (equal compute across arms)
 
+
+BUCKET_RATIOS = ((2, 3), (1, 1), (3, 2))  # the resolution ablation's bucketed arm
 
 QUICK = dict(name="quick", n_samples=600, steps=120, warmup=20, ema_decay=0.9, eval_per_tag=4, sample_steps=10,
              max_train_seconds=60.0, ablation_steps=40)
@@ -93,7 +113,8 @@ def build_data(cfg: DemoConfig, text_encoder: MiniLMTextEncoder, bar) -> Tuple[d
     from ..train.data import BucketData, PixelSpace
 
     buckets = aspect_buckets(cfg.base, cfg.ratios, multiple=cfg.pixel_patch)
-    samples = make_samples(cfg.n_samples, cfg.seed, buckets=buckets, textures=cfg.textures)
+    samples = make_samples(cfg.n_samples, cfg.seed, buckets=buckets, textures=cfg.textures,
+                           bucket_weights=cfg.bucket_weights)
     rng = np.random.default_rng(cfg.seed + 17)
     dense = [dense_caption(s["scene"], max_words=cfg.dense_words) for s in samples] \
         if cfg.captions in ("dense", "mixed") else None
@@ -156,6 +177,7 @@ def train_config(cfg: DemoConfig, data: dict):
     tc.name = f"demo-{cfg.name}"
     tc.model.transformer.update(model_kwargs(cfg))
     tc.optim.lr, tc.optim.warmup_steps = cfg.lr, cfg.warmup
+    tc.optim.betas = [float(b) for b in cfg.betas]
     tc.train.max_steps, tc.train.seed = cfg.steps, cfg.seed
     tc.loss.caption_dropout = cfg.caption_dropout
     tokens = sorted(g[0] * g[1] for g in data)
@@ -167,6 +189,19 @@ def train_config(cfg: DemoConfig, data: dict):
     tc.logging.every, tc.logging.sample_every, tc.logging.progress_bar = 10, 0, False
     tc.parallel.activation_checkpointing = "none"
     return tc
+
+
+def _plan_steps(cfg: DemoConfig, trainer, planned: int, elapsed: float) -> int:
+    """Steps that fit the time cap at the rate measured so far (frozen once the LR
+    cool-down has started); sets the trainer's max_steps and decay_steps to match."""
+    tc = trainer.cfg
+    if trainer.step >= 50 and trainer.step < tc.train.max_steps - tc.optim.decay_steps:
+        rate = elapsed / trainer.step
+        fit = trainer.step + int(0.98 * (cfg.max_train_seconds - elapsed) / rate)
+        planned = max(trainer.step + 1, min(cfg.steps, fit))
+    decay = max(1, int(round(cfg.decay_fraction * planned)))
+    tc.train.max_steps, tc.optim.decay_steps = planned, min(decay, planned)
+    return planned
 
 
 class _Progress:
@@ -228,7 +263,8 @@ def sample_and_score(model, text_encoder, prompts: List[dict], sizes, cfg: DemoC
             g = torch.Generator().manual_seed(cfg.seed + 1000 + start)
             with torch.no_grad():
                 out = pipe(texts[start:start + 32], height=h, width=w, num_inference_steps=cfg.sample_steps,
-                           guidance_scale=cfg.guidance, generator=g, max_sequence_length=128).images
+                           guidance_scale=cfg.guidance, generator=g, max_sequence_length=128,
+                           mu=cfg.sample_mu).images
             images += out
             metas += [p["metadata"] for p in chunk]
             bar.update(len(chunk))
@@ -303,8 +339,13 @@ def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = N
         t1 = time.time()
         # Chunks of 50 steps up to cfg.steps, stopping early at the wall-clock cap so the
         # demo's time budget holds on slower machines (the report says how far it got).
-        while trainer.step < cfg.steps and time.time() - t1 < cfg.max_train_seconds:
-            trainer.train(max_steps=min(cfg.steps, trainer.step + 50))
+        # With a cool-down, the planned step count (and so where the cool-down starts) is
+        # re-estimated from the measured step rate until the cool-down begins.
+        planned = cfg.steps
+        while trainer.step < planned and time.time() - t1 < cfg.max_train_seconds:
+            if cfg.decay_fraction > 0:
+                planned = _plan_steps(cfg, trainer, planned, time.time() - t1)
+            trainer.train(max_steps=min(planned, trainer.step + 50))
         t_train = time.time() - t1
         bar.set_description("sampling held-out prompts")
         scores, images = evaluate(trainer.ema_model(), text_encoder, prompts, eval_sizes, cfg, bar)
@@ -393,9 +434,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Both models are scored on 1:2 and 2:1, which neither trains on.
         unseen = aspect_buckets(cfg.base, ((1, 2), (2, 1)), multiple=cfg.pixel_patch)
         reports = {
-            "buckets": run(replace(arm, name="buckets", ratios=((2, 3), (1, 1), (3, 2))),
+            "buckets": run(replace(arm, name="buckets", ratios=BUCKET_RATIOS, bucket_weights=None),
                            os.path.join(args.out, "buckets"), text_encoder, eval_sizes=unseen),
-            "square-only": run(replace(arm, name="square-only", ratios=((1, 1),)),
+            "square-only": run(replace(arm, name="square-only", ratios=((1, 1),), bucket_weights=None),
                                os.path.join(args.out, "square-only"), text_encoder, eval_sizes=unseen),
         }
         _write(args.out, reports, f"Resolution ablation ({arm.steps} steps each): buckets (2:3, 1:1, 3:2) vs one "

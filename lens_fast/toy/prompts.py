@@ -79,10 +79,12 @@ def heldout_prompts(n_per_tag: int, seed: int, tags=TAGS) -> list[dict]:
 
 
 def make_samples(n: int, seed: int, buckets=DEFAULT_BUCKETS, tags=TAGS,
-                 color_jitter: int = 0, supersample: int = 4, textures=None) -> list[dict]:
+                 color_jitter: int = 0, supersample: int = 4, textures=None,
+                 bucket_weights=None) -> list[dict]:
     """`n` training samples, never held out: a list of {"image": PIL RGB, "dense",
     "brief", "metadata", "scene": scene dict, "size": (width, height)}. Each sample's
-    canvas is drawn uniformly from `buckets` ((width, height) pairs) and its tag from
+    canvas is drawn from `buckets` ((width, height) pairs), uniformly or in proportion
+    to `bucket_weights` (one non-negative number per bucket), and its tag uniformly from
     `tags`; `color_jitter` shifts object colours by up to +-that per channel;
     `textures` (a subset of TEXTURES) restricts the background textures drawn."""
     if n < 0:
@@ -90,6 +92,14 @@ def make_samples(n: int, seed: int, buckets=DEFAULT_BUCKETS, tags=TAGS,
     buckets = [tuple(int(v) for v in b) for b in buckets]
     if not buckets or any(len(b) != 2 for b in buckets):
         raise ValueError(f"buckets={buckets!r}: expected a non-empty list of (width, height)")
+    if bucket_weights is None:
+        cum = None
+    else:
+        w = [float(v) for v in bucket_weights]
+        if len(w) != len(buckets) or any(not v >= 0 for v in w) or sum(w) <= 0:
+            raise ValueError(f"bucket_weights={list(bucket_weights)!r}: expected {len(buckets)} non-negative "
+                             "numbers (one per bucket) with a positive sum")
+        cum = np.cumsum(w) / sum(w)
     tags = tuple(tags)
     for tag in tags:
         if tag not in TAGS:
@@ -106,7 +116,10 @@ def make_samples(n: int, seed: int, buckets=DEFAULT_BUCKETS, tags=TAGS,
         scene = sample_scene(rng, tag, exclude=is_heldout)
         if textures is not None and scene.texture not in textures:
             scene = replace(scene, texture=textures[int(rng.integers(len(textures)))])
-        width, height = buckets[int(rng.integers(len(buckets)))]
+        if cum is None:
+            width, height = buckets[int(rng.integers(len(buckets)))]
+        else:
+            width, height = buckets[min(int(np.searchsorted(cum, rng.random(), side="right")), len(buckets) - 1)]
         image = render_scene(scene, width, height, supersample=supersample,
                              color_jitter=color_jitter, rng=rng)
         samples.append({"image": image, "dense": dense_caption(scene),
