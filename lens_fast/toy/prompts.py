@@ -92,14 +92,13 @@ def make_samples(n: int, seed: int, buckets=DEFAULT_BUCKETS, tags=TAGS,
     buckets = [tuple(int(v) for v in b) for b in buckets]
     if not buckets or any(len(b) != 2 for b in buckets):
         raise ValueError(f"buckets={buckets!r}: expected a non-empty list of (width, height)")
-    if bucket_weights is None:
-        cum = None
-    else:
+    share = None
+    if bucket_weights is not None:
         w = [float(v) for v in bucket_weights]
         if len(w) != len(buckets) or any(not v >= 0 for v in w) or sum(w) <= 0:
             raise ValueError(f"bucket_weights={list(bucket_weights)!r}: expected {len(buckets)} non-negative "
                              "numbers (one per bucket) with a positive sum")
-        cum = np.cumsum(w) / sum(w)
+        share = np.array(w) / sum(w)
     tags = tuple(tags)
     for tag in tags:
         if tag not in TAGS:
@@ -116,10 +115,10 @@ def make_samples(n: int, seed: int, buckets=DEFAULT_BUCKETS, tags=TAGS,
         scene = sample_scene(rng, tag, exclude=is_heldout)
         if textures is not None and scene.texture not in textures:
             scene = replace(scene, texture=textures[int(rng.integers(len(textures)))])
-        if cum is None:
+        if share is None:
             width, height = buckets[int(rng.integers(len(buckets)))]
         else:
-            width, height = buckets[min(int(np.searchsorted(cum, rng.random(), side="right")), len(buckets) - 1)]
+            width, height = buckets[int(rng.choice(len(buckets), p=share))]
         image = render_scene(scene, width, height, supersample=supersample,
                              color_jitter=color_jitter, rng=rng)
         samples.append({"image": image, "dense": dense_caption(scene),
