@@ -39,8 +39,10 @@ BACKGROUNDS = {
 TEXTURES = ("flat", "gradient", "noise")
 # Side of the object's bounding square as a fraction of the canvas short side. A grid
 # cell is 1/3 of a side, so two large objects in neighbouring cells keep a gap of
-# 0.053 of the short side (2.5 px at 48 px); a small object is 9 px wide at 48 px.
-SIZES = {"small": 0.19, "large": 0.28}
+# 0.033 of the short side (1.2 px at 36 px); at the demo's 36 px a small object is 7.6 px
+# wide and a large one 10.8 px (0.19 / 0.28 until 2026-11-27: the demo's model then drew
+# circles and squares alike, README "The demo").
+SIZES = {"small": 0.21, "large": 0.30}
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below",
                     "below": "above"}
