@@ -14,7 +14,10 @@ with the FP8 quality report alongside.
    (``apply_quantization(model, "fp8")``, default layer filter). Target >= 1.35x.
    Between the two timings ``lens_fast.quant.report.model_quality_report`` measures
    per-layer errors on the real activations and end-to-end latent agreement (cosine,
-   PSNR) over fixed prompts/seeds, then quantises the model in place.
+   PSNR) over fixed prompts/seeds, then quantises the model in place. On CUDA each
+   variant is timed twice: eager (as a Python caller runs it) and replayed from a CUDA
+   graph (``+graph``, ratio against ``bf16+graph``), which removes host-side launch and
+   dispatch costs and leaves the GPU's own time.
 Prints a line per case (median ms with p20-p80, TFLOP/s or GB/s, ratio to its baseline
 in the same run, peak memory, GPU) and writes fp8.json + fp8.md to --out (default $OUT).
 ``--dry-run`` does all of it with tiny shapes on the CPU (FP8 through the CPU
@@ -143,6 +146,44 @@ def step_inputs(model, b, h, w, text_len, device):
     return lambda: model(x, feats, mask, t, [(1, h, w)])
 
 
+def graphed(forward, device):
+    """One forward captured in a CUDA graph (after two warm-up calls on a side stream):
+    returns its replay, which launches the whole step at once, so host-side launch and
+    dispatch costs drop out and what remains is the GPU's own time."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return graph.replay
+
+
+def bench_graphed(step_bench, forward, device, variant, base, rows, config, size, text_len, gpu):
+    """The same step replayed from a CUDA graph (CUDA only; a capture failure is reported)."""
+    if device.type != "cuda":
+        return None
+    try:
+        replay = graphed(forward, device)
+    except Exception as e:  # noqa: BLE001 - report, do not hide: the eager rows stand
+        print(f"step {variant}+graph    capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        rows.append(dict(section="step", variant=f"{variant}+graph", error=f"{type(e).__name__}: {str(e)[:200]}"))
+        return None
+    res = step_bench(replay)
+    ratio = 1.0 if base is None else base / res[0]
+    rows.append(dict(section="step", variant=f"{variant}+graph", size=list(size), text_len=text_len, batch=2,
+                     median_ms=res[0], p20_ms=res[1], p80_ms=res[2], speedup_vs_bf16=ratio,
+                     baseline="bf16+graph", peak_gib=_peak_gib(device), gpu=gpu))
+    _line(f"step {variant}+graph", f"{config['num_layers']}L {size[0]}x{size[1]} B2 S{text_len}", *res,
+          1e3 / res[0], "it/s", ratio, "bf16+graph", rows[-1]["peak_gib"], gpu)
+    del replay
+    torch.cuda.synchronize(device)
+    return res[0]
+
+
 def bench_step(device, gpu, args, config, size, text_len):
     torch.manual_seed(0)
     with torch.device(device):
@@ -161,6 +202,7 @@ def bench_step(device, gpu, args, config, size, text_len):
                          peak_gib=_peak_gib(device), gpu=gpu))
         _line("step bf16", f"{config['num_layers']}L {size[0]}x{size[1]} B2 S{text_len}", *bf16, 1e3 / bf16[0],
               "it/s", 1.0, "bf16", rows[-1]["peak_gib"], gpu)
+        bf16_graph = bench_graphed(step_bench, forward, device, "bf16", None, rows, config, size, text_len, gpu)
     t0 = time.perf_counter()
     quality = model_quality_report(model, height=size[0], width=size[1], steps=args.quality_steps,
                                    text_len=text_len, prompts=("a red cube on a wooden table",
@@ -176,6 +218,7 @@ def bench_step(device, gpu, args, config, size, text_len):
                          peak_gib=_peak_gib(device), gpu=gpu, quantization=quality["quantization"]))
         _line("step fp8", f"{config['num_layers']}L {size[0]}x{size[1]} B2 S{text_len}", *f8, 1e3 / f8[0],
               "it/s", bf16[0] / f8[0], "bf16", rows[-1]["peak_gib"], gpu)
+        bench_graphed(step_bench, forward, device, "fp8", bf16_graph, rows, config, size, text_len, gpu)
     ls, cs = quality["layer_summary"], quality["summary"]
     print(f"quality              {ls['layers']} FP8 layers: mean rel err {ls['mean_fp8_vs_model']:.4f}, max "
           f"{ls['max_fp8_vs_model']:.4f} ({ls['worst_layer']}); bf16 own error {ls['mean_model_vs_fp32']:.4f}; "
@@ -219,8 +262,12 @@ def write_markdown(path, result):
     if result["step"]:
         lines += ["", "## Denoise step", "", "| variant | median ms | vs bf16 | peak GiB |", "|---|---|---|---|"]
         for r in result["step"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | capture failed: {r['error']} | - | - |")
+                continue
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-            lines.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['speedup_vs_bf16']:.2f}x | {peak} |")
+            base = f" (vs {r['baseline']})" if r.get("baseline") else ""
+            lines.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['speedup_vs_bf16']:.2f}x{base} | {peak} |")
         q = result["quality"]
         lines += ["", f"## Quality ({q['quantization']})", "",
                   f"Per layer (real activations): {json.dumps(q['layer_summary'])}", "",
@@ -286,9 +333,12 @@ def main(argv=None):
             continue
         if name == "step":
             result["step"], result["quality"] = out
-            speedup = out[0][-1]["speedup_vs_bf16"]
+            by_variant = {r["variant"]: r for r in out[0] if "error" not in r}
+            speedup = by_variant["fp8"]["speedup_vs_bf16"]
             result["targets"].update(step_speedup=speedup, step_target=STEP_TARGET,
                                      step_target_met=speedup >= STEP_TARGET)
+            if "fp8+graph" in by_variant:  # both replayed from CUDA graphs: launch cost removed
+                result["targets"]["step_speedup_graphed"] = by_variant["fp8+graph"]["speedup_vs_bf16"]
         else:
             result[name] = out
     print("targets              " + json.dumps(result["targets"]), flush=True)

@@ -7,6 +7,9 @@ decoding, for three implementations measured in the same run on the same weights
 - ``lens_fast``:     ``enable_fast_path(pipe)`` (fused ops, compiled blocks, CUDA graphs,
                      precomputed step constants, tiled compiled decode).
 
+Opt-in extra impl ``lens_fast_fp8``: the same fast path on a copy of the denoiser quantised
+with ``apply_quantization(copy, "fp8")`` (changes numerics; see ``lens_fast.quant``).
+
 Cases: Lens (20 steps, CFG 5, batch 2 through the denoiser) and Turbo (4 steps,
 guidance 1, batch 1) at each resolution (default 1024^2, 1440^2, 1248x832 and 2080x1040).
 Each case runs once untimed (``first_s``: includes compilation / graph capture), then
@@ -28,6 +31,7 @@ tiny test configuration: a functional test, not a speed claim.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -48,7 +52,9 @@ from lens_fast.flops import lens_forward_flops, mfu  # noqa: E402
 
 IMPLS = ("reference", "torch_compile", "lens_fast")
 # Ablations of the fast path, run only when named in --impls.
-ABLATIONS = {"lens_fast_no_graphs": dict(cuda_graphs=False), "lens_fast_no_compile": dict(compile=False)}
+ABLATIONS = {"lens_fast_no_graphs": dict(cuda_graphs=False), "lens_fast_no_compile": dict(compile=False),
+             "lens_fast_fp8": {}}
+_FP8_COPY: dict = {}  # original denoiser id -> its FP8-quantised copy (made once per run)
 VARIANTS = {"lens": (20, 5.0), "turbo": (4, 1.0)}
 GPU_RESOLUTIONS = "1024x1024,1440x1440,1248x832,2080x1040"
 TINY_RESOLUTIONS = "64x64,96x96,96x64,128x64"
@@ -264,6 +270,13 @@ def set_impl(pipe, impl: str, args, original):
     if impl == "torch_compile":
         pipe.transformer = torch.compile(original, backend=args.compile_backend, mode=args.compile_mode)
     elif impl == "lens_fast" or impl in ABLATIONS:
+        if impl == "lens_fast_fp8":
+            if id(original) not in _FP8_COPY:
+                from lens_fast.quant import apply_quantization
+
+                _FP8_COPY[id(original)] = copy.deepcopy(original)
+                apply_quantization(_FP8_COPY[id(original)], "fp8")
+            pipe.transformer = _FP8_COPY[id(original)]
         options = {"compile_mode": args.fast_compile_mode} if args.fast_compile_mode else {}
         enable_fast_path(pipe, **{**options, **ABLATIONS.get(impl, {})})
 

@@ -545,3 +545,30 @@ def test_benchmark_dry_run_writes_json_and_markdown(tmp_path):
     assert result["quality"]["summary"]["min_latent_cosine"] > 0.999
     assert {"gemm_min_speedup", "step_speedup"} <= set(result["targets"])
     assert "DRY RUN" in (tmp_path / "fp8.md").read_text()
+
+
+def test_pipeline_benchmark_fp8_impl_quantises_a_copy_and_runs(tmp_path):
+    """bench/pipeline.py --impls ...,lens_fast_fp8: the FP8 impl runs the fast path on a
+    quantised COPY of the denoiser; the original (shared by the other impls) stays bf16/fp32."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline_fp8", os.path.join(ROOT, "bench", "pipeline.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--tiny", "--impls", "reference,lens_fast_fp8", "--variants", "turbo",
+                             "--resolutions", "64x64", "--repeats", "1"])
+    pipe = bench.tiny_pipeline(str(tmp_path / "tiny"), False, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = make_tiny_transformer(**D96)  # 4 blocks of FP8-able shapes (the default filter keeps 0, 3)
+    original = pipe.transformer
+    bench.set_impl(pipe, "lens_fast_fp8", args, original)
+    quantised = pipe.transformer
+    assert quantised is not original and not _fp8_names(original)
+    assert _fp8_names(quantised) == {f"transformer_blocks.{i}.{n}" for i in (1, 2) for n in ATTN} | \
+        {f"transformer_blocks.{i}.{s}_mlp.{w}" for i in (1, 2) for s in ("img", "txt") for w in ("w13", "w2")}
+    row = bench.run_case(pipe, args, "lens_fast_fp8", "turbo", 64, 64, [0])
+    assert row["error"] is None and row["denoise_s"] > 0, row
+    bench.set_impl(pipe, "lens_fast_fp8", args, original)  # made once per original, then reused
+    assert pipe.transformer is quantised
+    bench.set_impl(pipe, "reference", args, original)
+    assert pipe.transformer is original
