@@ -40,7 +40,7 @@ metadata name colours only for colors and color_attr, as GenEval's prompts do
 
 Sizes: a shape's box is 0.21 (small) or 0.30 (large) of the canvas short side: 7.6 and
 10.8 px at the demo's 36 px. ShapeEval scores renders (with +-25 colour jitter) 1.0 on every tag
-from a 24 px short side (4.6 px shapes) to 512 px in our tests; below 24 px it is
+from a 24 px short side (5 px shapes) to 512 px in our tests; below 24 px it is
 untested, and 32 px is the smallest we would call comfortable.
 """
 from .captions import brief_caption, dense_caption, layout_caption, metadata
