@@ -38,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lens_fast import LensTransformer2DModel  # noqa: E402
+from lens_fast.engine.graphs import CapturedStep  # noqa: E402
 from lens_fast.ops import fused  # noqa: E402
 from lens_fast.quant import fp8 as Q  # noqa: E402
 from lens_fast.quant.report import model_quality_report  # noqa: E402
@@ -146,28 +147,12 @@ def step_inputs(model, b, h, w, text_len, device):
     return lambda: model(x, feats, mask, t, [(1, h, w)])
 
 
-def graphed(forward, device):
-    """One forward captured in a CUDA graph (after two warm-up calls on a side stream):
-    returns its replay, which launches the whole step at once, so host-side launch and
-    dispatch costs drop out and what remains is the GPU's own time."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            forward()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
-    return graph.replay
-
-
 def bench_graphed(step_bench, forward, device, variant, base, rows, config, size, text_len, gpu):
     """The same step replayed from a CUDA graph (CUDA only; a capture failure is reported)."""
     if device.type != "cuda":
         return None
     try:
-        replay = graphed(forward, device)
+        replay = CapturedStep(forward).replay  # the engine's capture: warm-up on a side stream, then capture
     except Exception as e:  # noqa: BLE001 - report, do not hide: the eager rows stand
         print(f"step {variant}+graph    capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         rows.append(dict(section="step", variant=f"{variant}+graph", error=f"{type(e).__name__}: {str(e)[:200]}"))

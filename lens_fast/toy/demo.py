@@ -17,12 +17,12 @@ the model through a prompt rewriter (``toy.rewrite``) that expands them into tha
 drawing what the prompt leaves open at random. Both are scored: ``rewritten`` (the
 headline) and ``as_written`` (the brief prompt straight into the model).
 
-Choices measured on a 2-core CPU (README, "The demo"; bench/results/demo_cpu2_2026-11-27/):
-a 36x36 canvas (9x9 tokens of 4x4 px: every 3x3-grid cell is centred on a token, so
+Choices measured on a 2-core CPU (README, "The demo"; bench/results/demo_cpu2_2026-11-27/
+and demo_cpu2_2026-11-27_sizes/): the toy world's object sizes (``toy.scene.SIZES``), a 36x36 canvas (9x9 tokens of 4x4 px: every 3x3-grid cell is centred on a token, so
 all cells share one set of shape patterns), training sigmas at logit-normal mu 1.0
 (the class of a shape must come from the text only at high sigma, where the sampler
 spends most of its steps), CFG 2, and one square bucket: mixing in other aspect ratios
-halved the score at this budget, even at 1/8 of the samples each or with the text's RoPE
+cost half or more of the score at this budget (0.188 vs 0.677 with the current sizes), even at 1/8 of the samples each or with the text's RoPE
 offset unchanged (probably because each canvas puts the grid cells at other token
 positions, and an image token's only absolute reference is its RoPE offset to the text
 tokens, so each canvas needs its own layout); ``--ablation resolution`` trains the
