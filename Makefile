@@ -1,33 +1,65 @@
 # Set-up and checks for lens_fast. Each main target builds a FRESH virtual environment
-# (.venv, created and owned by this Makefile), installs the CPU PyTorch wheel first
-# (a bare torch requirement would pull a multi-GB CUDA build), then lens_fast itself.
-#   make demo   - the built-in demo: train and score a miniature Lens on this CPU
-#   make test   - the whole CPU test suite (what CI runs)
+# (created and owned by this Makefile), installs the CPU PyTorch wheel first (a bare torch
+# requirement would pull a multi-GB CUDA build), then lens_fast itself.
+#   make demo         the built-in demo: train and score a miniature Lens on this CPU
+#   make test         the whole CPU test suite (what CI runs), on the pinned set in constraints.txt
+#   make test-latest  the same suite on the newest versions pyproject.toml allows (.venv-latest):
+#                     finds drift on purpose; prints every version that differs from the pins
+#   make lock         make test-latest, then (only if it passed) write its versions to constraints.txt
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
+LATEST_VENV ?= .venv-latest
 TORCH_SPEC ?= torch==2.13.0
-PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check -q
+EXTRAS ?= triton,demo,test
+CONSTRAINTS := $(CURDIR)/constraints.txt
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+TEST_ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1
 
-.PHONY: venv demo test test-fast gpu-check clean-venv
+.PHONY: venv venv-latest demo test test-fast test-latest lock gpu-check
+
+# $(1): venv folder; $(2): the pip spec to install pip itself; $(3): flags for lens_fast's install.
+# PIP_CONSTRAINT (not -c) so the pins reach pip's isolated build environment (setuptools) too.
+define make_venv
+	$(PYTHON) -m venv --clear $(1)
+	$(1)/bin/python -m pip --disable-pip-version-check -q install "$(2)"
+	$(1)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)"
+	LENS_FAST_SKIP_CUDA_BUILD=1 $(1)/bin/python -m pip --disable-pip-version-check -q install $(3) -e ".[$(EXTRAS)]"
+endef
 
 venv:
-	$(PYTHON) -m venv --clear $(VENV)
-	$(PIP) install --upgrade pip
-	$(PIP) install "$(TORCH_SPEC)"
-	LENS_FAST_SKIP_CUDA_BUILD=1 $(PIP) install -e ".[triton,demo,test]"
+	$(call make_venv,$(VENV),$$(grep -E '^pip==' $(CONSTRAINTS)),)
+	$(VENV)/bin/python -m pip check
+venv: export PIP_CONSTRAINT = $(CONSTRAINTS)
+
+venv-latest:
+	$(call make_venv,$(LATEST_VENV),pip,--upgrade --upgrade-strategy eager)
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lens-fast demo $(DEMO_ARGS)
 
 test: venv
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Re-run the tests in the existing .venv (no reinstall).
 test-fast:
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-latest: venv-latest
+	@echo "== versions that differ from constraints.txt (pinned -> newest):"
+	@diff <(grep -E '^[A-Za-z0-9]' $(CONSTRAINTS) | sort -f) \
+	      <($(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -vE '^torch==' | sort -f) \
+	      | grep -E '^[<>]' || echo "   (none)"
+	$(TEST_ENV) $(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lock: test-latest
+	@{ echo "# The tested set that make test / make demo install (pip constraints; torch comes from TORCH_SPEC)."; \
+	   echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d) after the whole suite passed on it"; \
+	   echo "# (Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m)). Do not edit by hand."; \
+	   $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -vE '^torch==' | sort -f; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	@echo "constraints.txt updated: review with git diff, then commit"
 
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)

@@ -23,8 +23,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from lens_fast.ops import attention as A  # noqa: E402
 from lens_fast.ops import dispatch  # noqa: E402
 from _timing import timer  # noqa: E402  (bench/ is sys.path[0] when run as a script)

@@ -35,8 +35,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from lens_fast import LensTransformer2DModel  # noqa: E402
 from lens_fast.engine.graphs import CapturedStep  # noqa: E402
 from lens_fast.ops import fused  # noqa: E402

@@ -34,8 +34,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from lens_fast.ops import dispatch, fused, optional  # noqa: E402
 from lens_fast.ops import reference as R  # noqa: E402
 from lens_fast.ops.attention import joint_attention  # noqa: E402

@@ -43,8 +43,6 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from lens_fast import LensPipeline, LensTransformer2DModel, LensVAE  # noqa: E402
 from lens_fast.engine import (disable_fast_path, disable_text_encoder_offload, enable_fast_path,  # noqa: E402
                               enable_text_encoder_offload)

@@ -26,8 +26,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from lens_fast.flops import lens_forward_flops, peak_bf16_tflops  # noqa: E402
 from lens_fast.train import Batch, Callback, Trainer, load_config  # noqa: E402
 

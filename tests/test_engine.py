@@ -362,7 +362,7 @@ def test_compiled_blocks_prewarmed_do_not_recompile_across_steps_or_within_a_buc
 
 def test_pipeline_benchmark_runs_end_to_end_tiny(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pipeline.py"), "--tiny", "--repeats", "1",
                            "--compile-backend", "eager", "--out", str(out)], env=env, capture_output=True,
                           text=True, timeout=170)

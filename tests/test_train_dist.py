@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lens_fast.train.checkpoint import latest_checkpoint, load_checkpoint_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN = ["-m", "lens_fast.train", "--config", "tiny-cpu", "--no-progress"]
 
 

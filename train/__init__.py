@@ -43,12 +43,18 @@ folder via ``load_cache``/``save_cache``), ``SyntheticSource`` (tiny-cpu, benchm
 ``EncodedSource(WebDatasetSource(...), vae, text_encoder)`` (tar shards through the
 frozen encoders).
 """
-from .buckets import Bucket, BucketTable, bucket_size
-from .config import REGISTRY, ConfigError, TrainConfig, load_config
-from .data import (Batch, BucketData, EncodedSource, InMemorySource, PixelSpace, RawBatch, SyntheticSource,
-                   load_cache, save_cache)
-from .loss import flow_matching_loss, logit_normal_mu
-from .trainer import Callback, Trainer, TrainResult
+if __name__ != "lens_fast.train":  # the bare name, from a checkout's root: see lens_fast/_checkout.py
+    import os as _os
+    import runpy as _runpy
+    _runpy.run_path(_os.path.join(_os.path.dirname(__file__), _os.pardir, "lens_fast", "_checkout.py"))[
+        "hand_over"](__name__, __file__)
+else:
+    from .buckets import Bucket, BucketTable, bucket_size
+    from .config import REGISTRY, ConfigError, TrainConfig, load_config
+    from .data import (Batch, BucketData, EncodedSource, InMemorySource, PixelSpace, RawBatch, SyntheticSource,
+                       load_cache, save_cache)
+    from .loss import flow_matching_loss, logit_normal_mu
+    from .trainer import Callback, Trainer, TrainResult
 
 __all__ = ["Trainer", "TrainResult", "Callback", "TrainConfig", "ConfigError", "load_config", "REGISTRY",
            "Batch", "BucketData", "InMemorySource", "SyntheticSource", "EncodedSource", "RawBatch", "PixelSpace",
