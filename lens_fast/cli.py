@@ -6,6 +6,7 @@ print one line to stderr and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import List, Optional
@@ -13,8 +14,11 @@ from typing import List, Optional
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError)
 
 
-class CLIError(Exception):
-    pass
+# Subcommands with their own parser: name -> (module whose ``main(argv)`` runs it, help line).
+SUBCOMMANDS = {
+    "train": ("lens_fast.train.cli", "train or fine-tune Lens (see lens_fast.train)"),
+    "demo": ("lens_fast.toy.demo", "train and score a miniature Lens on this CPU"),
+}
 
 
 def _read_prompts(args) -> List[str]:
@@ -95,10 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
-    t = sub.add_parser("train", help="train or fine-tune Lens (see lens_fast.train)", add_help=False)
-    t.set_defaults(func=None)
-    d = sub.add_parser("demo", help="train and score a miniature Lens on this CPU", add_help=False)
-    d.set_defaults(func=None)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False).set_defaults(func=None)
     return p
 
 
@@ -114,14 +116,8 @@ def _cuda() -> bool:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "train":
-            from .train.cli import main as train_main
-
-            return train_main(argv[1:])
-        if argv and argv[0] == "demo":
-            from .toy.demo import main as demo_main
-
-            return demo_main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except USER_ERRORS as e:
