@@ -23,7 +23,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1
 # PIP_CONSTRAINT (not -c) so the pins reach pip's isolated build environment (setuptools) too.
 define make_venv
 	$(PYTHON) -m venv --clear $(1)
-	$(1)/bin/python -m pip --disable-pip-version-check -q install "$(2)"
+	$(1)/bin/python -m pip --disable-pip-version-check -q install $(2)
 	$(1)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)"
 	LENS_FAST_SKIP_CUDA_BUILD=1 $(1)/bin/python -m pip --disable-pip-version-check -q install $(3) -e ".[$(EXTRAS)]"
 endef
@@ -33,8 +33,11 @@ venv:
 	$(VENV)/bin/python -m pip check
 venv: export PIP_CONSTRAINT = $(CONSTRAINTS)
 
+# torch stays what TORCH_SPEC says (an eager upgrade would swap the CPU wheel for a CUDA build).
 venv-latest:
-	$(call make_venv,$(LATEST_VENV),pip,--upgrade --upgrade-strategy eager)
+	echo "$(TORCH_SPEC)" > $(CURDIR)/.torch-spec.txt
+	$(call make_venv,$(LATEST_VENV),--upgrade pip,--upgrade --upgrade-strategy eager)
+venv-latest: export PIP_CONSTRAINT = $(CURDIR)/.torch-spec.txt
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lens-fast demo $(DEMO_ARGS)
