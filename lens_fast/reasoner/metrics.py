@@ -74,8 +74,12 @@ class ShapeEvalMetric:
         self.per_tag = per_tag
         self._sets = {"dev": heldout_prompts(per_tag, seed=dev_seed), "test": heldout_prompts(per_tag, seed=test_seed)}
         self._seeds = {"dev": dev_seed, "test": test_seed}
-        with open(os.path.join(self.run_dir, "transformer", "diffusion_pytorch_model.safetensors"), "rb") as f:
-            self._weights = hashlib.sha256(f.read()).hexdigest()[:16]
+        digest = hashlib.sha256()
+        folder = os.path.join(self.run_dir, "transformer")
+        for name in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+        self._weights = digest.hexdigest()[:16]
 
     def fingerprint(self) -> str:
         return json.dumps({"metric": self.name, "weights": self._weights, "per_tag": self.per_tag,

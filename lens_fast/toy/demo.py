@@ -370,29 +370,22 @@ def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = N
         os.makedirs(out, exist_ok=True)
         _grid_png(os.path.join(out, "samples.png"), images[:48], [p["prompt"] for p in prompts][:48])
         _loss_png(os.path.join(out, "loss.png"), progress.losses)
-        save_demo_model(trainer.ema_model(), cfg, out)  # the EMA weights, to sample again (load_demo_model)
-        report["artifacts"] = ["samples.png", "loss.png", "report.md", "report.json", "transformer/",
-                               "demo_config.json"]
+        trainer.ema_model().save_pretrained(os.path.join(out, "transformer"))  # to sample again: load_demo_model
+        report["artifacts"] = ["samples.png", "loss.png", "report.md", "report.json", "transformer/"]
     return report
 
 
-def save_demo_model(model, cfg: DemoConfig, out: str) -> None:
-    """Writes ``out/transformer/`` (diffusers layout) and ``out/demo_config.json``."""
-    model.save_pretrained(os.path.join(out, "transformer"))
-    with open(os.path.join(out, "demo_config.json"), "w", encoding="utf-8") as f:
-        json.dump(asdict(cfg), f, indent=2)
-
-
 def load_demo_model(run_dir: str):
-    """(model, config) of a finished demo run folder: its EMA transformer and DemoConfig."""
+    """(model, config) of a finished demo run folder: its EMA transformer (``transformer/``)
+    and the DemoConfig in its ``report.json``."""
     from ..models.transformer import LensTransformer2DModel
 
-    path = os.path.join(run_dir, "demo_config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; expected the folder of a finished `lens-fast demo` run "
-                                "(it holds demo_config.json and transformer/)")
+    path = os.path.join(run_dir, "report.json")
+    if not os.path.isfile(path) or not os.path.isdir(os.path.join(run_dir, "transformer")):
+        raise FileNotFoundError(f"{run_dir} holds no report.json and transformer/; expected the folder of a "
+                                "finished `lens-fast demo` run")
     with open(path, encoding="utf-8") as f:
-        values = json.load(f)
+        values = json.load(f)["config"]
     values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
               for k, v in values.items()}
     cfg = DemoConfig(**values)
