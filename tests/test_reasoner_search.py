@@ -51,7 +51,7 @@ def test_rule_sets_round_trip_and_answers_are_parsed():
     assert rs.render() == default and len(rs.rules) == 8 and rs.closing == "Answer with the prompt only."
     assert RuleSet.parse(SEED_PROMPT).with_rules(["a", "b"]).render() == \
         "You rewrite image requests.\n\nRules:\n- a\n- b\n\nAnswer with the prompt only."
-    assert parse_rules("Here you go:\n- one\n2. two\n* three\n- one\nThanks") == ("one", "two", "three")
+    assert parse_rules('Here you go:\n- one\n2. two\n* "three"\n- one\nThanks') == ("one", "two", "three")
     with pytest.raises(ValueError, match="expected 1 to 16 rules"):
         parse_rules("No rules here.")
     with pytest.raises(ValueError, match="has no rules"):

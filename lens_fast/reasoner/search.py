@@ -68,8 +68,9 @@ def parse_rules(text: str, max_rules: int = 16) -> Tuple[str, ...]:
     rules = []
     for line in text.splitlines():
         m = _RULE_LINE.match(line)
-        if m and m.group(1).strip() not in rules:
-            rules.append(m.group(1).strip())
+        rule = m.group(1).strip().strip('"\u201c\u201d').strip() if m else ""
+        if rule and rule not in rules:
+            rules.append(rule)
     if not rules or len(rules) > max_rules:
         raise ValueError(f"expected 1 to {max_rules} rules, one per line starting with '- '; got {len(rules)}")
     return tuple(rules)
