@@ -61,10 +61,11 @@ def test_generate_reason_api_records_everything_in_the_png(ckpt, endpoint, tmp_p
 
 def test_generate_reason_local_falls_back_and_says_so(ckpt, tmp_path):
     out = tmp_path / "img.png"
-    assert generate(ckpt, out, "--reason", "local") == 0  # random tiny GPT-OSS: no usable answer
+    assert generate(ckpt, out, "--reason", "local", "--reason-max-tokens", "16") == 0  # random weights: no answer
     meta = read_image_metadata(str(out))
     assert "rewritten_prompt" not in meta and "final channel" in meta["reasoner_note"]
     assert meta["settings"]["reasoner"]["backend"] == "local"
+    assert meta["settings"]["reasoner"]["settings"]["max_new_tokens"] == 16
     assert generate(ckpt, tmp_path / "plain.png") == 0
     assert "reasoner" not in read_image_metadata(str(tmp_path / "plain.png"))["settings"]
 

@@ -19,6 +19,8 @@ def add_arguments(parser) -> None:
                              "(the endpoint in LENS_FAST_REASONER_BASE_URL / _MODEL / _API_KEY)")
     parser.add_argument("--system-prompt", help="the reasoner's system prompt file (default: the packaged Lens one)")
     parser.add_argument("--reason-cache", help="folder caching rewrites across runs (default: in memory only)")
+    parser.add_argument("--reason-max-tokens", type=int,
+                        help="most tokens the reasoner may generate, analysis included (default: local 768, api 1024)")
 
 
 class ReasoningSetup:
@@ -28,6 +30,9 @@ class ReasoningSetup:
     def __init__(self, args):
         self.backend_name: Optional[str] = args.reason
         self.cache_dir = args.reason_cache
+        if args.reason_max_tokens is not None and args.reason_max_tokens < 1:
+            raise ValueError(f"--reason-max-tokens {args.reason_max_tokens}: expected a positive number of tokens")
+        self.limit = {} if args.reason_max_tokens is None else {"max_tokens": args.reason_max_tokens}
         if args.system_prompt is not None and args.reason is None:
             raise ValueError("--system-prompt is used only with --reason local|api")
         self.system_prompt = load_system_prompt(args.system_prompt) if args.reason else None
@@ -37,7 +42,7 @@ class ReasoningSetup:
             from .api import ApiBackend
 
             try:
-                self.backend = ApiBackend.from_env()
+                self.backend = ApiBackend.from_env(**self.limit)
                 self.backend.check()
             except ChatError as e:
                 raise ValueError(str(e)) from None
@@ -48,8 +53,9 @@ class ReasoningSetup:
         if self.backend is None:
             from .integration import build_reasoner
 
+            limit = {"max_new_tokens": self.limit["max_tokens"]} if self.limit else {}
             pipe.reasoner = build_reasoner("local", pipe.text_encoder, system_prompt=self.system_prompt,
-                                           cache_dir=self.cache_dir)
+                                           cache_dir=self.cache_dir, **limit)
         else:
             pipe.reasoner = Reasoner(self.backend, self.system_prompt, cache_dir=self.cache_dir)
 
