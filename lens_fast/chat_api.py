@@ -98,9 +98,12 @@ class ChatEndpoint:
     @classmethod
     def from_env(cls, prefix: str, **overrides) -> "ChatEndpoint":
         """``{prefix}_BASE_URL``, ``{prefix}_MODEL`` and the key in ``{prefix}_API_KEY``
-        (``OPENAI_API_KEY`` when that is unset); keyword arguments override."""
+        (``OPENAI_API_KEY`` when only that is set; with neither, errors about the key name
+        ``{prefix}_API_KEY``); keyword arguments override."""
         values = dict(base_url=os.environ.get(f"{prefix}_BASE_URL"), model=os.environ.get(f"{prefix}_MODEL"))
-        values["api_key_env"] = f"{prefix}_API_KEY" if os.environ.get(f"{prefix}_API_KEY") else "OPENAI_API_KEY"
+        own = f"{prefix}_API_KEY"
+        values["api_key_env"] = "OPENAI_API_KEY" if not os.environ.get(own) and os.environ.get("OPENAI_API_KEY") \
+            else own
         values.update(overrides)
         for key, env in (("base_url", "BASE_URL"), ("model", "MODEL")):
             if not values.get(key):
@@ -236,6 +239,30 @@ class ChatClient:
         request = urllib.request.Request(ep.url, data=payload, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=ep.timeout_s) as response:
             return response.read()
+
+    def probe(self) -> None:
+        """One ``GET {base_url}/models`` (no retries): ``ChatError`` when the endpoint cannot
+        be reached or refuses the key (401/403), naming the URL and the key's variable.
+        Any other answer (a server without that route included) counts as reachable. For a
+        command to fail in one line before it starts expensive work."""
+        ep = self.endpoint
+        url = ep.base_url.rstrip("/") + "/models"
+        key = ep.api_key()
+        headers = {"Accept": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=ep.timeout_s):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                hint = f"set {ep.api_key_env}" if not key else f"check the key in {ep.api_key_env}"
+                raise ChatError(f"{ep.base_url} refused the request for lack of a valid API key (HTTP {e.code}): "
+                                f"{hint}", e.code, 1) from None
+        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as e:
+            cause = getattr(e, "reason", e)
+            why = f"no answer within {ep.timeout_s:g} s" if isinstance(cause, (socket.timeout, TimeoutError)) \
+                else f"{type(cause).__name__}: {cause}"
+            raise ChatError(f"cannot reach the chat endpoint {ep.base_url} ({why}); expected an OpenAI-compatible "
+                            "server there", None, 1) from None
 
     def complete(self, messages: Sequence[dict], max_tokens: Optional[int] = None,
                  temperature: Optional[float] = None, seed: Optional[int] = None,

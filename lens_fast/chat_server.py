@@ -90,6 +90,8 @@ def _make_handler_class(state: _State):
 
         def do_GET(self):
             if self.path == "/v1/models":
+                if state.api_key and self.headers.get("Authorization") != f"Bearer {state.api_key}":
+                    return self._send(401, {"error": {"message": "invalid API key"}})
                 return self._send(200, {"object": "list", "data": [{"id": state.model, "object": "model"}]})
             if self.path == "/_control/stats":
                 with state.lock:

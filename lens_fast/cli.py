@@ -11,6 +11,10 @@ import os
 import sys
 from typing import List, Optional
 
+from .image_metadata import save_image
+from .reasoner.generate_cli import ReasoningSetup, generation_record
+from .reasoner.generate_cli import add_arguments as add_reasoner_arguments
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError)
 
 
@@ -18,6 +22,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeErr
 SUBCOMMANDS = {
     "train": ("lens_fast.train.cli", "train or fine-tune Lens (see lens_fast.train)"),
     "demo": ("lens_fast.toy.demo", "train and score a miniature Lens on this CPU"),
+    "search-system-prompt": ("lens_fast.reasoner.search_cli", "tune the reasoner's system prompt (training-free)"),
 }
 
 
@@ -55,19 +60,22 @@ def cmd_generate(args) -> int:
     if args.height is not None and (args.base_resolution is not None or args.aspect_ratio is not None):
         raise ValueError("use either --height/--width or --base-resolution/--aspect-ratio, not both")
     paths = _output_paths(args.out, len(prompts), args.overwrite)
+    reasoning = ReasoningSetup(args)  # checks the system prompt and the endpoint before any compute
     pipe = LensPipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device,
                                         template_date=args.template_date, quantization=args.quantization)
+    reasoning.attach(pipe)
     if args.fast:
         pipe.enable_fast_path()
     pipe.set_progress_bar_config(disable=args.quiet)
     for i, (prompt, path) in enumerate(zip(prompts, paths)):
         generator = torch.Generator(device="cpu").manual_seed(args.seed + i)
-        image = pipe(prompt=prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                     base_resolution=args.base_resolution, aspect_ratio=args.aspect_ratio,
-                     num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                     max_sequence_length=args.max_sequence_length).images[0]
+        out = pipe(prompt=prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                   base_resolution=args.base_resolution, aspect_ratio=args.aspect_ratio,
+                   num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+                   max_sequence_length=args.max_sequence_length, reason=args.reason is not None)
+        image = out.images[0]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        image.save(path)
+        save_image(image, path, generation_record(args, pipe, prompt, out, args.seed + i, image))
         print(path)
     return 0
 
@@ -97,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output image; several prompts give numbered files")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_reasoner_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     for name, (_, help_text) in SUBCOMMANDS.items():

@@ -76,6 +76,8 @@ def decoded_to_output(decoded: torch.Tensor, output_type: str):
 @dataclass
 class LensPipelineOutput:
     images: Any
+    prompts: Optional[List[str]] = None  # what was encoded, one per request: the rewrites with reason=True
+    rewrites: Optional[list] = None  # with reason=True: a lens_fast.reasoner.Rewrite per request
 
 
 def _align(pos: List[torch.Tensor], pos_mask: torch.Tensor, neg: List[torch.Tensor], neg_mask: torch.Tensor):
@@ -111,7 +113,7 @@ class LensPipeline:
     """Text-to-image with Lens. Build with :meth:`from_pretrained` or from components."""
 
     def __init__(self, transformer: LensTransformer2DModel, vae, text_encoder=None, scheduler_config=None,
-                 variant: str = "lens"):
+                 variant: str = "lens", reasoner=None):
         if variant not in VARIANT_DEFAULTS:
             raise ValueError(f"variant={variant!r}; expected one of {sorted(VARIANT_DEFAULTS)}")
         self.transformer = transformer
@@ -119,6 +121,7 @@ class LensPipeline:
         self.text_encoder = text_encoder
         self.scheduler_config = dict(scheduler_config or {})
         self.variant = variant
+        self.reasoner = reasoner  # a lens_fast.reasoner.Reasoner: rewrites requests when called with reason=True
         self.default_sample_size = 1024
         self._progress = {}
 
@@ -126,11 +129,13 @@ class LensPipeline:
     @classmethod
     def from_pretrained(cls, folder: str, torch_dtype=None, device="cpu", variant: Optional[str] = None,
                         template_date: Optional[str] = None, text_encoder_dtype=None,
-                        quantization: Optional[str] = None):
+                        quantization: Optional[str] = None, reasoner=None):
         """Load every component of a checkpoint folder. ``variant`` (lens, lens-turbo,
         lens-base) sets the recommended steps/guidance; by default it is read from
         ``model_index.json`` (``_lens_variant``) or the folder name. ``quantization="fp8"``
-        turns on the opt-in FP8 linear layers (``lens_fast.quant``)."""
+        turns on the opt-in FP8 linear layers (``lens_fast.quant``). ``reasoner``: a
+        ``lens_fast.reasoner.Reasoner``, or "local" / "api" for one with the default system
+        prompt (``lens_fast.reasoner.build_reasoner`` takes the other options)."""
         if quantization not in (None, "fp8"):
             raise ValueError(f"quantization={quantization!r}; expected None or 'fp8'")
         folder = os.fspath(folder)
@@ -165,7 +170,11 @@ class LensPipeline:
         if variant is None:
             variant = index.get("_lens_variant") or ("lens-turbo" if "turbo" in os.path.basename(
                 os.path.normpath(folder)).lower() else "lens")
-        pipe = cls(transformer, vae, text_encoder, scheduler_config, variant=variant)
+        if isinstance(reasoner, str):
+            from .reasoner import build_reasoner
+
+            reasoner = build_reasoner(reasoner, text_encoder)
+        pipe = cls(transformer, vae, text_encoder, scheduler_config, variant=variant, reasoner=reasoner)
         if quantization is not None:
             from .quant import apply_quantization
 
@@ -330,10 +339,13 @@ class LensPipeline:
                  negative_prompt_mask: Optional[torch.Tensor] = None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), max_sequence_length: int = 512,
-                 mu: Optional[float] = None):
+                 mu: Optional[float] = None, reason: bool = False):
         """Text to image with the reference's arguments. ``mu`` (not in the reference)
         overrides the schedule's empirical shift, for models trained at other token counts
-        (e.g. the CPU demo); leave it None for Lens checkpoints."""
+        (e.g. the CPU demo); leave it None for Lens checkpoints. ``reason=True`` has the
+        pipeline's reasoner rewrite each prompt before encoding (never the negative prompt;
+        nothing with ``prompt_embeds``); the output's ``prompts`` and ``rewrites`` say what
+        was encoded, and a failed rewrite falls back to the prompt as written."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         for k in callback_on_step_end_tensor_inputs:
@@ -345,6 +357,9 @@ class LensPipeline:
         guidance_scale = guidance if guidance_scale is None else float(guidance_scale)
         device, dtype = self.device, self.dtype
         use_cfg = guidance_scale != 1.0
+        rewrites = None
+        if reason and prompt_embeds is None:
+            prompt, rewrites = self.rewrite_prompt(prompt, max_sequence_length)
         pe, pm, ne, nm = self.encode_prompt(prompt, negative_prompt if use_cfg else "", num_images_per_prompt,
                                             prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask,
                                             max_sequence_length, device)
@@ -371,7 +386,22 @@ class LensPipeline:
                                callback_on_step_end, callback_on_step_end_tensor_inputs,
                                extra={"prompt_embeds": pe, "negative_prompt_embeds": ne}, mu=mu)
         images = self.postprocess(latents, height, width, output_type)
-        return LensPipelineOutput(images=images) if return_dict else (images,)
+        if not return_dict:
+            return (images,)
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        return LensPipelineOutput(images=images, prompts=prompts, rewrites=rewrites)
+
+    def rewrite_prompt(self, prompt, max_sequence_length: int = 512):
+        """(prompts, rewrites): ``prompt`` (a string or a list) rewritten by the reasoner and
+        fitted to the text encoder (``lens_fast.reasoner.rewrite_for_encoder``)."""
+        if self.reasoner is None:
+            raise ValueError("reason=True needs a reasoner: LensPipeline(..., reasoner=...) or "
+                             "from_pretrained(..., reasoner='local'|'api')")
+        if prompt is None:
+            raise ValueError("reason=True rewrites the prompt, and none was given")
+        from .reasoner import rewrite_for_encoder
+
+        return rewrite_for_encoder(self.reasoner, self.text_encoder, prompt, max_sequence_length)
 
     def postprocess(self, latents, height, width, output_type):
         if output_type == "latent":

@@ -126,6 +126,27 @@ def test_api_key_sent_from_environment_and_required(monkeypatch):
         assert ask(client(s, api_key_env="TEST_CHAT_KEY", require_key=True)).text == "hello there"
 
 
+def test_probe_names_an_unreachable_endpoint_and_a_missing_or_wrong_key(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = ChatClient(ChatEndpoint(f"http://127.0.0.1:{port}/v1", "m", timeout_s=2))
+    with pytest.raises(ChatError, match=rf"cannot reach the chat endpoint http://127.0.0.1:{port}/v1 \(") as e:
+        dead.probe()
+    assert e.value.attempts == 1
+    with LocalChatServer("echo", api_key="sekret") as server:
+        monkeypatch.delenv("TEST_PROBE_KEY", raising=False)
+        c = client(server, api_key_env="TEST_PROBE_KEY")
+        with pytest.raises(ChatError, match=r"valid API key \(HTTP 401\): set TEST_PROBE_KEY"):
+            c.probe()
+        monkeypatch.setenv("TEST_PROBE_KEY", "wrong")
+        with pytest.raises(ChatError, match="check the key in TEST_PROBE_KEY"):
+            c.probe()
+        monkeypatch.setenv("TEST_PROBE_KEY", "sekret")
+        c.probe()
+        assert server.stats()["requests"] == 0  # probing asks no chat completion
+
+
 def test_concurrency_is_bounded_and_order_kept(server):
     server.add_faults(*[{"delay_s": 0.2}] * 6)
     c = client(server, max_concurrency=2)
@@ -165,6 +186,11 @@ def test_endpoint_from_environment(monkeypatch):
     monkeypatch.setenv("LF_TEST_API_KEY", "k")
     ep = ChatEndpoint.from_env("LF_TEST", timeout_s=3)
     assert (ep.model, ep.api_key_env, ep.api_key(), ep.timeout_s) == ("judge", "LF_TEST_API_KEY", "k", 3)
+    monkeypatch.delenv("LF_TEST_API_KEY")
+    monkeypatch.setenv("OPENAI_API_KEY", "o")
+    assert ChatEndpoint.from_env("LF_TEST").api_key_env == "OPENAI_API_KEY"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert ChatEndpoint.from_env("LF_TEST").api_key_env == "LF_TEST_API_KEY"  # what an error tells the user to set
 
 
 def test_image_message_round_trips_through_the_server(server):

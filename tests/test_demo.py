@@ -48,6 +48,12 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     md = (out / "report.md").read_text()
     assert all(t in md for t in TAG_ORDER) and "overall" in md
     assert "as_written" in md and "rewritten" in md
+    # the trained (EMA) model is saved and loads back with its configuration
+    from lens_fast.toy.demo import build_config, load_demo_model
+
+    model, cfg = load_demo_model(str(out))
+    assert cfg == build_config(True) and cfg.steps == report["config"]["steps"]
+    assert sum(p.abs().sum() for p in model.parameters()) > 0
     with pytest.raises(FileExistsError, match="not empty"):
         main(["--quick", "--out", str(out)])
 

@@ -195,7 +195,8 @@ def _plan_steps(cfg: DemoConfig, trainer, planned: int, elapsed: float) -> int:
     """Steps that fit the time cap at the rate measured so far (frozen once the LR
     cool-down has started); sets the trainer's max_steps and decay_steps to match."""
     tc = trainer.cfg
-    if trainer.step >= 50 and trainer.step < tc.train.max_steps - tc.optim.decay_steps:
+    if trainer.step >= 50 and trainer.step < tc.train.max_steps - tc.optim.decay_steps \
+            and np.isfinite(cfg.max_train_seconds):
         rate = elapsed / trainer.step
         fit = trainer.step + int(0.98 * (cfg.max_train_seconds - elapsed) / rate)
         planned = max(trainer.step + 1, min(cfg.steps, fit))
@@ -247,15 +248,16 @@ def model_prompts(prompts: List[dict], mode: str, cfg: DemoConfig) -> List[str]:
 
 
 def sample_and_score(model, text_encoder, prompts: List[dict], sizes, cfg: DemoConfig, bar,
-                     mode: str = "as_written") -> Tuple[dict, list]:
-    """Sample every held-out prompt (as written or rewritten) at every eval canvas with
-    CFG, then ShapeEval against the prompt's own metadata."""
+                     mode: str = "as_written", texts: Optional[List[str]] = None) -> Tuple[dict, list]:
+    """Sample every held-out prompt (as written or rewritten; ``texts``: what to give the
+    model instead, one per prompt, e.g. another rewriter's) at every eval canvas with CFG,
+    then ShapeEval against the prompt's own metadata."""
     from ..pipeline import LensPipeline
     from ..train.data import PixelSpace
 
     pipe = LensPipeline(model.eval(), PixelSpace(cfg.pixel_patch), text_encoder, variant="lens")
     pipe.set_progress_bar_config(disable=True)
-    texts = model_prompts(prompts, mode, cfg)
+    texts = model_prompts(prompts, mode, cfg) if texts is None else list(texts)
     images, metas = [], []
     for w, h in sizes:
         for start in range(0, len(prompts), 32):
@@ -368,8 +370,26 @@ def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = N
         os.makedirs(out, exist_ok=True)
         _grid_png(os.path.join(out, "samples.png"), images[:48], [p["prompt"] for p in prompts][:48])
         _loss_png(os.path.join(out, "loss.png"), progress.losses)
-        report["artifacts"] = ["samples.png", "loss.png", "report.md", "report.json"]
+        trainer.ema_model().save_pretrained(os.path.join(out, "transformer"))  # to sample again: load_demo_model
+        report["artifacts"] = ["samples.png", "loss.png", "report.md", "report.json", "transformer/"]
     return report
+
+
+def load_demo_model(run_dir: str):
+    """(model, config) of a finished demo run folder: its EMA transformer (``transformer/``)
+    and the DemoConfig in its ``report.json``."""
+    from ..models.transformer import LensTransformer2DModel
+
+    path = os.path.join(run_dir, "report.json")
+    if not os.path.isfile(path) or not os.path.isdir(os.path.join(run_dir, "transformer")):
+        raise FileNotFoundError(f"{run_dir} holds no report.json and transformer/; expected the folder of a "
+                                "finished `lens-fast demo` run")
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)["config"]
+    values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+              for k, v in values.items()}
+    cfg = DemoConfig(**values)
+    return LensTransformer2DModel.from_pretrained(os.path.join(run_dir, "transformer")), cfg
 
 
 def _summary(scores: dict) -> dict:
@@ -414,10 +434,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="demo_out", help="output folder (must be new or empty)")
     p.add_argument("--ablation", choices=["captions", "resolution"], help="equal-compute ablation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="train exactly this many optimiser steps (no time cap), so the "
+                                             "result does not depend on the machine's load")
     args = p.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise FileExistsError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
-    cfg = build_config(args.quick, seed=args.seed)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: expected a positive number of optimiser steps")
+    budget = {} if args.steps is None else {"steps": args.steps, "max_train_seconds": float("inf")}
+    cfg = build_config(args.quick, seed=args.seed, **budget)
     text_encoder = MiniLMTextEncoder()
     if args.ablation:
         # Every arm trains the same number of optimiser steps on the same batch size (the
