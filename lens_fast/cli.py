@@ -18,6 +18,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeErr
 SUBCOMMANDS = {
     "train": ("lens_fast.train.cli", "train or fine-tune Lens (see lens_fast.train)"),
     "demo": ("lens_fast.toy.demo", "train and score a miniature Lens on this CPU"),
+    "curate": ("lens_fast.curate.cli", "filter, deduplicate and caption images into training shards"),
 }
 
 

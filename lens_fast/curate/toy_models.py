@@ -52,16 +52,14 @@ def read_scene(image):
         return None
     w, h = image.size
     short = min(w, h)
-    shapes, cells = [], set()
-    for o in sorted(objects, key=lambda o: (o["centroid"][1], o["centroid"][0])):
+    by_cell = {}
+    for o in objects:  # one shape per cell (the larger wins), listed in reading order
         x0, y0, x1, y1 = o["bbox_px"]
-        size = "large" if max(x1 - x0, y1 - y0) / short > SIZE_SPLIT else "small"
-        row = min(GRID - 1, int(o["centroid"][1] * GRID))
-        col = min(GRID - 1, int(o["centroid"][0] * GRID))
-        if (row, col) in cells:
-            continue
-        cells.add((row, col))
-        shapes.append(ShapeObject(o["class"], o["color"], size, row, col))
+        side = max(x1 - x0, y1 - y0) / short
+        cell = (min(GRID - 1, int(o["centroid"][1] * GRID)), min(GRID - 1, int(o["centroid"][0] * GRID)))
+        if cell not in by_cell or side > by_cell[cell][0]:
+            by_cell[cell] = (side, ShapeObject(o["class"], o["color"], "large" if side > SIZE_SPLIT else "small", *cell))
+    shapes = [by_cell[c][1] for c in sorted(by_cell)]
     arr = np.asarray(image, dtype=np.float64)
     bg = np.asarray(info["background"], dtype=np.float64)
     background = _BG_NAMES[int(np.linalg.norm(_BG_RGB - bg, axis=1).argmin())]

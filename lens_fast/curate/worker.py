@@ -51,12 +51,15 @@ def read_parquet(path: str, columns=None) -> List[dict]:
 
 
 class Worker:
-    def __init__(self, out: str, captioner_share: int = 1):
-        self.layout = Layout(out)
-        state = read_json(self.layout.state)
-        self.cfg = CurateConfig().update(state["config"]).validate()
-        self.min_area = state["min_area"]
-        self.table_name = self.cfg.shards.buckets
+    def __init__(self, out: Optional[str], captioner_share: int = 1, cfg: Optional[CurateConfig] = None,
+                 min_area: Optional[float] = None):
+        """A worker of the run in ``out`` (its saved config), or, with ``out=None``, one that
+        only scores (``score_unit``) with ``cfg`` and ``min_area`` (calibration)."""
+        self.layout = Layout(out) if out else None
+        if out:
+            state = read_json(self.layout.state)
+            cfg, min_area = CurateConfig().update(state["config"]).validate(), state["min_area"]
+        self.cfg, self.min_area = cfg, min_area
         self.share = captioner_share
         self._models: Optional[dict] = None
         self._captioner = None
@@ -98,13 +101,26 @@ class Worker:
         return score < getattr(cfg, stage).min_score
 
     def filter(self, unit: dict) -> dict:
-        """Stages 1-8 (+ the embedding) of one unit; model stages run a batch at a time, so a
-        process holds at most ``embedder.batch_size`` decoded images."""
-        cfg, lay = self.cfg, self.layout
+        """Stages 1-8 (+ the embedding) of one unit, written to the run folder."""
+        lay = self.layout
+        rows, emb, summary = self.score_unit(unit)
+        if emb is not None:
+            np.save(lay.unit_embeddings(unit["id"]) + ".tmp.npy", emb.astype(np.float16))
+            os.replace(lay.unit_embeddings(unit["id"]) + ".tmp.npy", lay.unit_embeddings(unit["id"]))
+        write_json(lay.unit_rows(unit["id"]) + ".json", summary)
+        write_parquet(lay.unit_rows(unit["id"]), rows, ROW_FIELDS)
+        return summary
+
+    def score_unit(self, unit: dict, limit: Optional[int] = None):
+        """(rows, embeddings or None, summary) of a unit's first ``limit`` images. Model stages
+        run a batch at a time: a process holds at most ``embedder.batch_size`` decoded images."""
+        cfg = self.cfg
         timing, evaluated = Counter(), Counter()
         rows, batch, chunks = [], [], []
         draft = max(cfg.clarity.side or 0, 448)
         for item, data, missing in iter_unit(unit):
+            if limit is not None and len(rows) >= limit:
+                break
             row = {k: item.get(k) for k in ("id", "unit", "source", "key", "offset", "caption_in")}
             row.update(emb_row=-1, failed=None)
             rows.append(row)
@@ -124,14 +140,11 @@ class Worker:
                 fails = [s for s in STAGES[1:8] if cfg.stage_on(s) and row.get(f"score_{s}") is not None
                          and self._fails(s, row[f"score_{s}"])]
                 row["failed"] = fails[0] if fails else None
+        emb = None
         if cfg.needs_embedding():
             emb = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
-            np.save(lay.unit_embeddings(unit["id"]) + ".tmp.npy", emb.astype(np.float16))
-            os.replace(lay.unit_embeddings(unit["id"]) + ".tmp.npy", lay.unit_embeddings(unit["id"]))
         summary = {"unit": unit["id"], "images": len(rows), "timing": dict(timing), "evaluated": dict(evaluated)}
-        write_json(lay.unit_rows(unit["id"]) + ".json", summary)
-        write_parquet(lay.unit_rows(unit["id"]), rows, ROW_FIELDS)
-        return summary
+        return rows, emb, summary
 
     def _decode(self, row, data, missing, timing, evaluated, draft):
         cfg = self.cfg
