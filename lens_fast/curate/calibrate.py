@@ -2,8 +2,8 @@
 draw one histogram per stage (with the configured threshold), so thresholds are chosen by
 looking at the data rather than guessed.
 
-The sample is spread over the inputs' units (the first ``ceil(sample / units)`` images of
-each). The dedup score is each image's highest cosine to any other image of the sample
+The sample is spread over the inputs' units (the first images of each, an equal share of
+what is left). The dedup score is each image's highest cosine to any other image of the sample
 (exact, all pairs: the sample is small). Writes ``OUT/calibration.json`` and
 ``OUT/<stage>.png``; the folder must be new or empty.
 """
@@ -86,12 +86,11 @@ def calibrate(inputs: List[str], out: str, cfg: CurateConfig = None, sample: int
     min_area = cfg.area.min_area or smallest_bucket_area(bucket_table(cfg.shards.buckets))
     units, _ = scan(inputs, cfg.execution.unit_size, os.path.join(out, "listing"))
     worker = Worker(None, cfg=cfg, min_area=min_area)
-    per_unit = max(1, math.ceil(sample / max(1, len(units))))
     rows, embs = [], []
-    for unit in units:
+    for k, unit in enumerate(units):
         if len(rows) >= sample:
             break
-        r, emb, _ = worker.score_unit(unit, limit=min(per_unit, sample - len(rows)))
+        r, emb, _ = worker.score_unit(unit, limit=math.ceil((sample - len(rows)) / (len(units) - k)))
         if emb is not None:
             embs.append(emb[[row["emb_row"] for row in r if row["emb_row"] >= 0]])
             for row in r:

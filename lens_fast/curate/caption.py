@@ -54,7 +54,8 @@ class Captioner:
         per = (lambda v: None if v is None else v / max(1, share))
         self.cfg, self.prompt = cfg, read_prompt(cfg)
         self.endpoint = ChatEndpoint(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                                     max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency,
+                                     max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+                                     backoff_max_s=cfg.backoff_max_s, max_concurrency=cfg.max_concurrency,
                                      requests_per_minute=per(cfg.requests_per_minute),
                                      tokens_per_minute=per(cfg.tokens_per_minute))
         self.client = ChatClient(self.endpoint)

@@ -109,6 +109,8 @@ class CaptionConfig:
     tokens_per_minute: Optional[float] = None
     timeout_s: float = 120.0
     max_retries: int = 4
+    backoff_s: float = 0.5  # first retry's wait (doubling, with jitter, up to backoff_max_s; Retry-After wins)
+    backoff_max_s: float = 20.0
     min_words: int = 5  # a shorter answer is malformed and retried
     drop_failed: bool = False  # finish without images whose caption failed (else stop, rerun retries)
 
@@ -136,7 +138,7 @@ class ExecutionConfig:
 EXECUTION_ONLY = {("execution", "executor"), ("execution", "workers"), ("execution", "ray_address"),
                   ("embedder", "batch_size"), ("embedder", "device"), ("caption", "max_concurrency"),
                   ("caption", "requests_per_minute"), ("caption", "tokens_per_minute"), ("caption", "timeout_s"),
-                  ("caption", "max_retries"), ("caption", "drop_failed"), ("caption", "base_url"),
+                  ("caption", "max_retries"), ("caption", "backoff_s"), ("caption", "backoff_max_s"), ("caption", "drop_failed"), ("caption", "base_url"),
                   ("caption", "api_key_env")}
 
 

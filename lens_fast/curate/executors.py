@@ -2,14 +2,16 @@
 
 ``LocalExecutor``: one process per worker (spawned, so no thread or CUDA state is forked),
 each loading its models once; with one worker the tasks run in this process. ``RayExecutor``:
-each phase is a Ray Data pipeline over its tasks, mapped by a pool of actors (one
-``Worker`` each, holding the models; ``num_gpus=1`` per filter actor when the cluster has
-GPUs, so the model stages run there), joining the cluster at ``ray_address`` or starting
-a local Ray instance. Both read and write the run folder, which every node must see.
+each phase is a Ray Data pipeline over its tasks: the filter phase (the model stages) is
+mapped by a pool of actors, one ``Worker`` each holding the models, ``num_gpus=1`` per actor
+when the cluster has GPUs; the other phases are Ray tasks. It joins the cluster at
+``ray_address`` or starts a local Ray instance (and stops what it started). Both executors
+read and write the run folder, which every node must see (a shared filesystem).
 """
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -46,7 +48,7 @@ class LocalExecutor:
 
 
 class _RayStage:
-    """A Ray Data actor: one Worker, many tasks (a batch is one task)."""
+    """A Ray Data actor for the model stages: one Worker (its models loaded once), many tasks."""
 
     def __init__(self, out: str, share: int, kind: str):
         import torch
@@ -55,10 +57,27 @@ class _RayStage:
         self.worker, self.kind = Worker(out, share), kind
 
     def __call__(self, batch):
-        import numpy as np
+        return _run_batch(self.worker, self.kind, batch)
 
-        results = [json.dumps(getattr(self.worker, self.kind)(json.loads(t))) for t in batch["task"]]
-        return {"result": np.array(results, dtype=object)}
+
+_RAY_WORKERS = {}
+
+
+def _ray_task(batch, out: str, share: int, kind: str):
+    """A Ray Data task for the phases without models; the Worker is kept per process."""
+    if (out, share) not in _RAY_WORKERS:
+        import torch
+
+        torch.set_num_threads(1)
+        _RAY_WORKERS[(out, share)] = Worker(out, share)
+    return _run_batch(_RAY_WORKERS[(out, share)], kind, batch)
+
+
+def _run_batch(worker: Worker, kind: str, batch):
+    import numpy as np
+
+    results = [json.dumps(getattr(worker, kind)(json.loads(t))) for t in batch["task"]]
+    return {"result": np.array(results, dtype=object)}
 
 
 class RayExecutor:
@@ -79,6 +98,7 @@ class RayExecutor:
                 ray.init(address=address, **kwargs)
             else:
                 ray.init(num_cpus=workers or os.cpu_count(), **kwargs)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         resources = ray.cluster_resources()
@@ -94,8 +114,12 @@ class RayExecutor:
         if gpu:
             size = max(1, min(size, self.gpus))
         ds = ray.data.from_items([{"task": json.dumps(p)} for p in payloads], override_num_blocks=len(payloads))
-        ds = ds.map_batches(_RayStage, fn_constructor_kwargs={"out": self.out, "share": size, "kind": kind},
-                            batch_size=1, concurrency=size, num_cpus=1, num_gpus=1 if gpu else 0)
+        args = {"out": self.out, "share": size, "kind": kind}
+        if kind == "filter":  # the model stages: an actor pool, a GPU per actor when the cluster has them
+            ds = ds.map_batches(_RayStage, fn_constructor_kwargs=args, batch_size=1, num_cpus=1,
+                                num_gpus=1 if gpu else 0, compute=ray.data.ActorPoolStrategy(size=size))
+        else:
+            ds = ds.map_batches(_ray_task, fn_kwargs=args, batch_size=1, num_cpus=1)
         return (json.loads(r["result"]) for r in ds.take_all())
 
     def close(self) -> None:

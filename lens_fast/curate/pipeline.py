@@ -68,6 +68,8 @@ def prepare(cfg: CurateConfig, inputs: List[str], lay: Layout) -> dict:
             what = f"settings {changed[:6]}" if changed else "inputs"
             raise FileExistsError(f"--out {lay.out} holds a curation run with other {what}; its shards are never "
                                   "overwritten: use a new folder, or rerun with the same inputs and settings to resume")
+        state["config"] = cfg.to_dict()  # execution settings (workers, endpoint, ...) may change on a resume
+        write_json(lay.state, state)
         return state
     lay.make()
     table = bucket_table(cfg.shards.buckets)
