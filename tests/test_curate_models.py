@@ -51,7 +51,8 @@ def test_classifier_folder_scores_the_named_labels(tmp_path, images):
     folder = make_tiny_classifier(str(tmp_path / "nsfw"), ["normal", "porn", "hentai"])
     score = ClassifierScore("nsfw", folder, ["porn", "HENTAI"], "cpu")(images, None)
     with torch.no_grad():
-        probs = ViTForImageClassification.from_pretrained(folder)(pixel_values=_pixels(folder, images)).logits.softmax(-1)
+        model = ViTForImageClassification.from_pretrained(folder)
+        probs = model(pixel_values=_pixels(folder, images)).logits.softmax(-1)
     assert np.allclose(score, probs[:, 1:].sum(-1).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match=r"labels \['normal', 'porn', 'hentai'\]; none of nsfw.labels \['nsfw'\]"):
         ClassifierScore("nsfw", folder, ["nsfw"], "cpu")

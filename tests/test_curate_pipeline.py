@@ -9,7 +9,6 @@ import sys
 import tarfile
 import time
 
-import numpy as np
 import pytest
 import yaml
 
@@ -18,7 +17,6 @@ pytest.importorskip("faiss")
 
 from lens_fast.chat_server import LocalChatServer  # noqa: E402
 from lens_fast.curate import CurationIncomplete, curate  # noqa: E402
-from lens_fast.curate.caption import CaptionServerDown  # noqa: E402
 from lens_fast.curate.toy_proof import TOY_SETTINGS, toy_config  # noqa: E402
 from lens_fast.curate.toyset import EXPECTED_STAGE, make_toy_set  # noqa: E402
 from lens_fast.curate.worker import read_parquet  # noqa: E402
@@ -161,11 +159,13 @@ def test_output_folders_are_never_overwritten(toy, server, curated, tmp_path, ca
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "000000.tar").write_bytes(b"someone's shard")
-    status, _, err = main(capsys, str(root / "images"), "--out", str(foreign), "--config", config_file(root, server.url))
+    status, _, err = main(capsys, str(root / "images"), "--out", str(foreign), "--config",
+                          config_file(root, server.url))
     assert status == 2 and err.count("\n") == 1
     assert "already holds shards (000000.tar" in err and (foreign / "000000.tar").read_bytes() == b"someone's shard"
     out, _, _ = curated
-    mtimes = (lambda: {n: os.stat(os.path.join(out, "shards", n)).st_mtime_ns for n in os.listdir(os.path.join(out, "shards"))})
+    folder = os.path.join(out, "shards")
+    mtimes = (lambda: {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)})
     before = mtimes()
     status, _, err = main(capsys, str(root / "images"), "--out", out, "--config",
                           config_file(root, server.url, clarity__min_score=9.0))
@@ -234,7 +234,8 @@ def test_tar_and_list_inputs_keep_their_own_captions(toy, tmp_path):
 
 def test_missing_weights_and_bad_values_are_one_line(toy, tmp_path, capsys):
     root, _ = toy
-    status, _, err = main(capsys, str(root / "images"), "--out", str(tmp_path / "o"), "--embedder", "toy", "--no-caption")
+    status, _, err = main(capsys, str(root / "images"), "--out", str(tmp_path / "o"), "--embedder", "toy",
+                          "--no-caption")
     assert status == 2 and err.count("\n") == 1 and "the nsfw stage is on but nsfw.model is not set" in err
     status, _, err = main(capsys, str(root / "images"), "--out", str(tmp_path / "o2"), "--set", "luminance.max_score=2")
     assert status == 2 and "luminance bounds" in err

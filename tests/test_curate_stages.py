@@ -127,7 +127,8 @@ def test_cmyk_16bit_alpha_and_palette_become_8bit_rgb():
 def test_dedup_cluster_keeps_the_first_of_each_group():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(3, 16))
-    emb = np.stack([base[0], base[1], base[0] + 0.01 * rng.normal(size=16), base[2], base[1] + 0.01 * rng.normal(size=16)])
+    emb = np.stack([base[0], base[1], base[0] + 0.01 * rng.normal(size=16), base[2],
+                    base[1] + 0.01 * rng.normal(size=16)])
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     areas = np.array([100, 100, 400, 50, 100])  # item 2 is the larger copy of item 0: it is kept
     ids = ["a", "b", "c", "d", "e"]
@@ -152,7 +153,8 @@ def test_kmeans_then_exact_finds_every_planted_pair():
     found = set()
     for c in np.unique(labels):
         idx = np.nonzero(labels == c)[0]
-        dropped, _, _ = dd.dedup_cluster(emb[idx], dd.priority_order(np.ones(len(idx)), [f"{i:04d}" for i in idx]), 0.95)
+        order = dd.priority_order(np.ones(len(idx)), [f"{i:04d}" for i in idx])
+        dropped, _, _ = dd.dedup_cluster(emb[idx], order, 0.95)
         found |= set(idx[dropped].tolist())
     assert found == set(range(n, n + 40))
 

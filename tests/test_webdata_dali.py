@@ -39,7 +39,8 @@ def test_webdataset_source_reads_with_dali_on_cpu(tmp_path):
     path = os.path.join(tmp_path, "s.tar")
     with tarfile.open(path, "w") as tar:
         for i in range(4):
-            for name, data in ((f"{i:04d}.jpg", _jpeg(i, 64, 64)), (f"{i:04d}.json", json.dumps({"caption": f"c{i}"}).encode())):
+            caption = json.dumps({"caption": f"c{i}"}).encode()
+            for name, data in ((f"{i:04d}.jpg", _jpeg(i, 64, 64)), (f"{i:04d}.json", caption)):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -120,7 +120,8 @@ def calibrate(inputs: List[str], out: str, cfg: CurateConfig = None, sample: int
         result["stages"][stage] = {"n": int(values.size), **pct, "threshold_low": low, "threshold_high": high,
                                    "would_drop": float(drop.mean())}
         histogram_png(os.path.join(out, f"{stage}.png"), stage, values, (low, high))
-        say(f"{stage:10s} " + " ".join(f"{pct['p' + str(p)]:9.4g}" for p in PERCENTILES) + f"   {100 * drop.mean():.1f}%")
+        cells = " ".join(f"{pct['p' + str(p)]:9.4g}" for p in PERCENTILES)
+        say(f"{stage:10s} {cells}   {100 * drop.mean():.1f}%")
     write_json(os.path.join(out, "calibration.json"), result)
     say(f"histograms: {out}/<stage>.png; numbers: {out}/calibration.json")
     return result

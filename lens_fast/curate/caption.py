@@ -99,7 +99,8 @@ class Captioner:
                 out[i] = reply.parsed
                 self.cache.put(self.key(hashes[i]), {"caption": reply.parsed, "model": reply.model})
         errors = [r for r in replies if isinstance(r, ChatError)]
-        if errors and len(errors) == len(replies) and all(e.status is None and "unusable" not in str(e) for e in errors):
+        unanswered = [e for e in errors if e.status is None and "unusable" not in str(e)]
+        if errors and len(unanswered) == len(replies):
             raise CaptionServerDown(f"the captioning endpoint {self.endpoint.url} gave no answer to any of "
                                     f"{len(errors)} requests (last: {errors[-1]})")
         return out

@@ -138,8 +138,8 @@ class ExecutionConfig:
 EXECUTION_ONLY = {("execution", "executor"), ("execution", "workers"), ("execution", "ray_address"),
                   ("embedder", "batch_size"), ("embedder", "device"), ("caption", "max_concurrency"),
                   ("caption", "requests_per_minute"), ("caption", "tokens_per_minute"), ("caption", "timeout_s"),
-                  ("caption", "max_retries"), ("caption", "backoff_s"), ("caption", "backoff_max_s"), ("caption", "drop_failed"), ("caption", "base_url"),
-                  ("caption", "api_key_env")}
+                  ("caption", "max_retries"), ("caption", "backoff_s"), ("caption", "backoff_max_s"),
+                  ("caption", "drop_failed"), ("caption", "base_url"), ("caption", "api_key_env")}
 
 
 @dataclass
@@ -224,23 +224,27 @@ class CurateConfig:
 
     def validate(self) -> "CurateConfig":
         def positive(name, value, allow_zero=False):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-            if not ok:
-                raise CurateConfigError(f"{name}={value!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not (value >= 0 if allow_zero else value > 0):
+                kind = "non-negative" if allow_zero else "positive"
+                raise CurateConfigError(f"{name}={value!r}: expected a {kind} number")
 
         positive("decode.max_pixels", self.decode.max_pixels)
         positive("decode.max_aspect", self.decode.max_aspect)
         if self.decode.max_aspect < 1:
-            raise CurateConfigError(f"decode.max_aspect={self.decode.max_aspect}: expected >= 1 (long side / short side)")
+            raise CurateConfigError(f"decode.max_aspect={self.decode.max_aspect}: expected >= 1 "
+                                    "(long side / short side)")
         bg = self.decode.background
-        if not (isinstance(bg, (list, tuple)) and len(bg) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in bg)):
+        if not (isinstance(bg, (list, tuple)) and len(bg) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in bg)):
             raise CurateConfigError(f"decode.background={bg!r}: expected three integers in 0..255")
         if self.area.min_area is not None:
             positive("area.min_area", self.area.min_area)
         positive("clarity.side", self.clarity.side, allow_zero=True)
         lum = self.luminance
         if not 0 <= lum.min_score < lum.max_score <= 1:
-            raise CurateConfigError(f"luminance bounds [{lum.min_score}, {lum.max_score}]: expected 0 <= min < max <= 1")
+            raise CurateConfigError(f"luminance bounds [{lum.min_score}, {lum.max_score}]: "
+                                    "expected 0 <= min < max <= 1")
         if not 0 < self.dedup.max_cosine <= 1:
             raise CurateConfigError(f"dedup.max_cosine={self.dedup.max_cosine}: expected a cosine in (0, 1]")
         if self.dedup.clusters is not None:

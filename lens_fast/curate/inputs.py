@@ -162,7 +162,8 @@ def iter_unit(unit: dict) -> Iterator[Tuple[Item, Optional[bytes], Optional[str]
         path = unit["source"]
         for key, files, start, _ in read_samples(path, 0):
             if files is None:
-                item = Item(id=f"{path}#@{start}", unit=unit["id"], source=path, key=None, offset=start, caption_in=None)
+                item = Item(id=f"{path}#@{start}", unit=unit["id"], source=path, key=None, offset=start,
+                            caption_in=None)
                 yield item, None, f"the tar is truncated or corrupt from byte {start} on"
                 return
             ext = next((e for e in TAR_IMAGE_KEYS if e in files), None)

@@ -76,7 +76,8 @@ class TransformersEmbedder:
         config = _check_folder(folder, "CLIP/SigLIP")
         kind = config.get("model_type")
         if kind not in EMBEDDER_TYPES:
-            raise ValueError(f"{folder}: model_type {kind!r} is not an image embedder; expected one of {EMBEDDER_TYPES}")
+            raise ValueError(f"{folder}: model_type {kind!r} is not an image embedder; expected one of "
+                             f"{EMBEDDER_TYPES}")
         classes = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModelWithProjection",
                    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
                    "siglip2": "Siglip2Model", "siglip2_vision_model": "Siglip2VisionModel"}
@@ -127,7 +128,8 @@ class OpenClipEmbedder:
         with self.torch.inference_mode():
             for i in range(0, len(images), self.batch_size):
                 x = self.torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]).to(self.device)
-                chunks.append(self.torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1).cpu().numpy())
+                emb = self.model.encode_image(x).float()
+                chunks.append(self.torch.nn.functional.normalize(emb, dim=-1).cpu().numpy())
         return np.concatenate(chunks)
 
 
@@ -236,7 +238,8 @@ class ClassifierScore:
         _check_folder(folder, "image classifier")
         self.head, self.uses_embedding, self.torch = None, False, torch
         self.device = _device(device)
-        self.model = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True).to(self.device).eval()
+        model = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
+        self.model = model.to(self.device).eval()
         self.processor = _processor(folder)
         names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.columns = _label_columns(names, labels, folder, stage)

@@ -95,14 +95,17 @@ def write_reports(cfg: CurateConfig, lay: Layout, state: dict, manifest: List[di
     buckets = Counter(r["bucket"] for r in manifest if r["status"] == "kept")
     report = {"images": len(manifest), "kept": status.get("kept", 0), "pending": status.get("pending", 0),
               "dropped": sum(dropped.values()), "shards": sum(1 for e in plan if os.path.isfile(lay.shard(e["name"]))),
-              "stages": stages, "decode_errors": dict(Counter(r["decode_error"] for r in manifest if r["decode_error"])),
-              "buckets": dict(sorted(buckets.items())), "walls_s": {k: round(v, 2) for k, v in state.get("walls", {}).items()},
+              "stages": stages,
+              "decode_errors": dict(Counter(r["decode_error"] for r in manifest if r["decode_error"])),
+              "buckets": dict(sorted(buckets.items())),
+              "walls_s": {k: round(v, 2) for k, v in state.get("walls", {}).items()},
               "executor": executor, "workers": workers, "ignored_files": state["scan"]["ignored_files"],
               "cpu": os.cpu_count()}
     write_json(lay.report_json, report)
     lines = [f"# Curation report: {lay.out}", "",
              f"{report['images']} images in, {report['kept']} kept in {report['shards']} shards, "
-             f"{report['dropped']} dropped, {report['pending']} pending; executor {executor} with {workers} workers.", "",
+             f"{report['dropped']} dropped, {report['pending']} pending; executor {executor} with {workers} "
+             "workers.", "",
              "| stage | on | in | dropped | scored | worker s | images/s/core |", "|---|---|---|---|---|---|---|"]
     for stage, s in stages.items():
         rate = "" if s["images_per_s_per_core"] is None else f"{s['images_per_s_per_core']:,.1f}"

@@ -67,7 +67,8 @@ def plan_shards(rows: List[dict], samples_per_shard: int, seed: int) -> List[dic
     for bucket in sorted(by_bucket):
         ids = sorted(by_bucket[bucket], key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
         for n, start in enumerate(range(0, len(ids), samples_per_shard)):
-            plan.append({"name": f"{bucket}-{n:06d}.tar", "bucket": bucket, "ids": ids[start:start + samples_per_shard]})
+            plan.append({"name": f"{bucket}-{n:06d}.tar", "bucket": bucket,
+                         "ids": ids[start:start + samples_per_shard]})
     return plan
 
 

@@ -58,7 +58,8 @@ def read_scene(image):
         side = max(x1 - x0, y1 - y0) / short
         cell = (min(GRID - 1, int(o["centroid"][1] * GRID)), min(GRID - 1, int(o["centroid"][0] * GRID)))
         if cell not in by_cell or side > by_cell[cell][0]:
-            by_cell[cell] = (side, ShapeObject(o["class"], o["color"], "large" if side > SIZE_SPLIT else "small", *cell))
+            size = "large" if side > SIZE_SPLIT else "small"
+            by_cell[cell] = (side, ShapeObject(o["class"], o["color"], size, *cell))
     shapes = [by_cell[c][1] for c in sorted(by_cell)]
     arr = np.asarray(image, dtype=np.float64)
     bg = np.asarray(info["background"], dtype=np.float64)

@@ -47,7 +47,7 @@ TOY_SETTINGS = {
 }
 TOY_BUCKETS = {"base": "tiny-cpu", "data": {"source": "webdataset", "areas": [36, 48], "ratios": ["2:3", "1:1", "3:2"],
                                             "batch_per_area": {36: 16, 48: 8}, "multiple": 4, "min_side": 24,
-                                            "max_text_tokens": 256, "workers": 2}}
+                                            "max_text_tokens": 160, "workers": 2}}
 DEMO_MODEL = dict(patch_size=4, in_channels=48, out_channels=3, num_layers=4, attention_head_dim=32,
                   num_attention_heads=4, inner_dim=128, enc_hidden_dim=64, axes_dims_rope=[8, 12, 12],
                   selected_layer_index=[1, 2])
@@ -95,7 +95,8 @@ def score_stages(manifest: list, truth: list, cfg: CurateConfig) -> dict:
         hits = sum(r["kind"] in kinds for r in flagged)
         planted = sum(r["kind"] in kinds for r in pool)
         out[stage] = {"defects": kinds, "planted": planted, "flagged": len(flagged),
-                      "precision": hits / len(flagged) if flagged else None, "recall": hits / planted if planted else None}
+                      "precision": hits / len(flagged) if flagged else None,
+                      "recall": hits / planted if planted else None}
     confusion = defaultdict(Counter)
     for r in rows:
         confusion[r["kind"]][r["dropped_by"] or "kept"] += 1
@@ -140,10 +141,12 @@ def train_on_shards(out: str, shards: str, steps: int) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"lens-fast train failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    losses = [json.loads(l)["loss"] for l in open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") if '"loss"' in l]
+    with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
     k = max(1, len(losses) // 5)
-    return {"command": " ".join(["lens-fast"] + cmd[3:]), "steps": len(losses), "wall_s": round(time.perf_counter() - t0, 1),
-            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "last_line": proc.stdout.strip()[-300:]}
+    return {"command": " ".join(["lens-fast"] + cmd[3:]), "steps": len(losses),
+            "wall_s": round(time.perf_counter() - t0, 1), "loss_first": sum(losses[:k]) / k,
+            "loss_last": sum(losses[-k:]) / k, "last_line": proc.stdout.strip()[-300:]}
 
 
 def run_proof(out: str, n_clean: int = 400, n_defect: int = 40, seed: int = 0, train_steps: int = 60) -> dict:
@@ -181,11 +184,13 @@ def run_proof(out: str, n_clean: int = 400, n_defect: int = 40, seed: int = 0, t
 
 def render(r: dict) -> str:
     fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
-    lines = [f"# Curation toy proof ({r['images']} images: {r['clean']} clean, {r['defects_per_kind']} per defect kind, "
+    lines = [f"# Curation toy proof ({r['images']} images: {r['clean']} clean, {r['defects_per_kind']} per defect "
+             "kind, "
              f"seed {r['seed']})", "", "| stage | defects planted for it | planted | flagged | precision | recall |",
              "|---|---|---|---|---|---|"]
     for stage, s in r["per_stage"].items():
-        lines.append(f"| {stage} | {', '.join(s['defects'])} | {s['planted']} | {s['flagged']} | {fmt(s['precision'])} | "
+        lines.append(f"| {stage} | {', '.join(s['defects'])} | {s['planted']} | {s['flagged']} | "
+                     f"{fmt(s['precision'])} | "
                      f"{fmt(s['recall'])} |")
     lines += ["", f"Clean images kept: **{r['clean_kept']:.3f}**. Captions matching the scene: "
               f"{r['captions']['match_scene']} / {r['captions']['captions']} ({r['caption_requests']} requests to the "

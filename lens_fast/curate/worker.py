@@ -236,8 +236,8 @@ class Worker:
         for c in sorted(members):
             ids = [m[0] for m in members[c]]
             emb = np.stack([m[2] for m in members[c]])
-            dropped, dup_of, nearest = dd.dedup_cluster(emb, dd.priority_order(np.array([m[1] for m in members[c]]), ids),
-                                                        cfg.dedup.max_cosine)
+            order = dd.priority_order(np.array([m[1] for m in members[c]]), ids)
+            dropped, dup_of, nearest = dd.dedup_cluster(emb, order, cfg.dedup.max_cosine)
             for k, i in enumerate(ids):
                 out.append({"id": i, "cluster": c, "score_dedup": None if np.isnan(nearest[k]) else float(nearest[k]),
                             "dup_of": ids[dup_of[k]] if dup_of[k] >= 0 else None, "dropped": bool(dropped[k])})
