@@ -11,13 +11,13 @@ PYTHON ?= python3
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= triton,demo,test
+EXTRAS ?= triton,demo,test,curate,ray
 CONSTRAINTS := $(CURDIR)/constraints.txt
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 TEST_ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1
 
-.PHONY: venv venv-latest demo test test-fast test-latest lock gpu-check
+.PHONY: venv venv-latest demo test test-fast test-dali test-latest lock gpu-check
 
 # $(1): venv folder; $(2): the pip spec to install pip itself; $(3): flags for lens_fast's install.
 # PIP_CONSTRAINT (not -c) so the pins reach pip's isolated build environment (setuptools) too.
@@ -48,6 +48,13 @@ test: venv
 # Re-run the tests in the existing .venv (no reinstall).
 test-fast:
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The trainer's DALI reader on DALI's CPU backend. nvidia-dali is not in CI's set: ~1 GB, and it
+# needs packaging<=26.3 (one below the pin), so this target installs it into the existing .venv
+# (downgrading packaging there; `make venv` restores the pinned set) and runs only its tests.
+test-dali:
+	$(VENV)/bin/python -m pip --disable-pip-version-check -q install "nvidia-dali-cuda120>=1.30,<3" "packaging<=26.3"
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/test_webdata_dali.py $(PYTEST_ARGS)
 
 test-latest: venv-latest
 	@echo "== versions that differ from constraints.txt (pinned -> newest):"

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "train": ("lens_fast.train.cli", "train or fine-tune Lens (see lens_fast.train)"),
     "demo": ("lens_fast.toy.demo", "train and score a miniature Lens on this CPU"),
     "search-system-prompt": ("lens_fast.reasoner.search_cli", "tune the reasoner's system prompt (training-free)"),
+    "curate": ("lens_fast.curate.cli", "filter, deduplicate and caption images into training shards"),
 }
 
 

@@ -11,7 +11,8 @@ shuffled when written (img2dataset does); there is no shuffle buffer.
 Each step a rank draws a base area, then takes the first ratio buffer holding a full
 batch for that area, reading samples (header-parsed only, bytes kept) into the buffer of
 their nearest ratio until one does. Images are decoded only when batched: on the GPU
-with nvidia-dali when installed, else PIL in a thread pool, resized to cover the bucket
+with nvidia-dali when installed (``decoder="dali"`` also runs DALI's CPU backend), else
+PIL in a thread pool, resized to cover the bucket
 and centre-cropped. Corrupt, truncated or caption-less samples and images whose short
 side is below ``min_side`` are skipped and counted, never fatal. The saved position is
 the stream's (epoch, shard, offset) plus the (shard, offset) of every buffered sample.
@@ -137,10 +138,11 @@ def decode_pil(data: bytes, height: int, width: int) -> Optional[np.ndarray]:
 
 
 class DaliDecoder:
-    """nvidia-dali GPU decode + cover-resize + centre crop, one pipeline per bucket
-    shape. Any failure of a batch returns None (the caller falls back to PIL)."""
+    """nvidia-dali decode + cover-resize + centre crop, one pipeline per bucket shape: on
+    the GPU (``device_id``: the mixed decoder), or on the CPU (``device_id=None``: DALI's CPU
+    backend). Any failure of a batch returns None (the caller falls back to PIL)."""
 
-    def __init__(self, max_batch: int, device_id: int):
+    def __init__(self, max_batch: int, device_id: Optional[int]):
         self.max_batch, self.device_id, self.pipes = max_batch, device_id, {}
 
     def _pipe(self, height, width):
@@ -151,7 +153,8 @@ class DaliDecoder:
                           exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
             def pipe():
                 enc = fn.external_source(name="encoded", dtype=types.UINT8)
-                img = fn.decoders.image(enc, device="mixed", output_type=types.RGB)
+                where = "cpu" if self.device_id is None else "mixed"
+                img = fn.decoders.image(enc, device=where, output_type=types.RGB)
                 img = fn.resize(img, resize_x=width, resize_y=height, mode="not_smaller",
                                 interp_type=types.INTERP_CUBIC)
                 return fn.crop(img, crop_h=height, crop_w=width, crop_pos_x=0.5, crop_pos_y=0.5)
@@ -162,12 +165,14 @@ class DaliDecoder:
         return self.pipes[(height, width)]
 
     def __call__(self, datas: List[bytes], height: int, width: int) -> Optional[torch.Tensor]:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
         pipe = self._pipe(height, width)
         pipe.feed_input("encoded", [np.frombuffer(d, dtype=np.uint8) for d in datas])
         (out,) = pipe.run()
         dense = out.as_tensor()
+        if self.device_id is None:
+            return torch.from_numpy(np.array(dense)).permute(0, 3, 1, 2).contiguous()
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
         t = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=f"cuda:{self.device_id}")
         feed_ndarray(dense, t, cuda_stream=torch.cuda.current_stream(self.device_id))
         return t.permute(0, 3, 1, 2).contiguous()
@@ -260,9 +265,10 @@ class WebDatasetSource:
         self.dali = None
         cuda = device is not None and torch.device(device).type == "cuda"
         if decoder == "dali" or (decoder == "auto" and cuda and has_dali()):
-            if not (cuda and has_dali()):
-                raise ValueError("decoder='dali' needs nvidia-dali installed and a CUDA device")
-            self.dali = DaliDecoder(max(b.batch for b in table.all()), torch.device(device).index or 0)
+            if not has_dali():
+                raise ValueError("decoder='dali' needs nvidia-dali installed (pip install -e '.[dali]')")
+            self.dali = DaliDecoder(max(b.batch for b in table.all()),
+                                    (torch.device(device).index or 0) if cuda else None)
         self.dali_required = decoder == "dali"
         self._consumed: Dict[int, dict] = {}
 
