@@ -40,8 +40,8 @@ def test_existing_output_is_not_overwritten(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--height", "40", "--width", "32"], "height=40 must be a positive multiple of 16"),
-    (["--base-resolution", "1024", "--aspect-ratio", "7:5"], "aspect_ratio='7:5' is not a bucket"),
+    (["--height", "40", "--width", "32"], "--height 40: expected a multiple of 16"),
+    (["--base-resolution", "1024", "--aspect-ratio", "7:5"], "argument --aspect-ratio: invalid choice: '7:5'"),
     (["--height", "32"], "--height and --width must be given together"),
 ])
 def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, capsys, extra, message):
@@ -56,4 +56,4 @@ def test_missing_model_folder_subprocess(tmp_path):
                            "--prompt", "x", "--out", str(tmp_path / "o.png")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
-    assert "model_index.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert "does not exist; expected a Lens checkpoint folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -49,6 +49,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..errors import InvalidValue, OutputExists
 from . import aspect_buckets, heldout_prompts, make_samples, score_set
 from .captions import dense_caption, layout_caption
 from .text import DEFAULT_LAYERS, HIDDEN, MiniLMTextEncoder
@@ -127,7 +128,7 @@ def build_data(cfg: DemoConfig, text_encoder: MiniLMTextEncoder, bar) -> Tuple[d
     elif cfg.captions == "mixed":
         captions = [d if rng.random() < 0.5 else s["brief"] for d, s in zip(dense, samples)]
     else:
-        raise ValueError(f"captions={cfg.captions!r}; expected dense, brief, mixed or layout")
+        raise InvalidValue(f"captions={cfg.captions!r}; expected dense, brief, mixed or layout")
     bar.set_description("text features")
     feats, mask = text_encoder.encode(captions, max_sequence_length=128)
     bar.update(1)
@@ -243,7 +244,7 @@ def model_prompts(prompts: List[dict], mode: str, cfg: DemoConfig) -> List[str]:
         style = "layout" if cfg.captions == "layout" else "dense"
         return [rewrite_prompt(p["prompt"], np.random.default_rng([cfg.seed, 0x2E, i]), max_words=cfg.dense_words,
                                style=style, sizes=cfg.rewrite_sizes) for i, p in enumerate(prompts)]
-    raise ValueError(f"prompts={mode!r}; expected one of {list(PROMPT_MODES)}")
+    raise InvalidValue(f"prompts={mode!r}; expected one of {list(PROMPT_MODES)}")
 
 
 def sample_and_score(model, text_encoder, prompts: List[dict], sizes, cfg: DemoConfig, bar,
@@ -274,7 +275,7 @@ def sample_and_score(model, text_encoder, prompts: List[dict], sizes, cfg: DemoC
 def evaluate(model, text_encoder, prompts, sizes, cfg: DemoConfig, bar) -> Tuple[Dict[str, dict], list]:
     """Scores under both prompt modes ({mode: score_set}) and the headline mode's images."""
     if cfg.prompts not in PROMPT_MODES:
-        raise ValueError(f"prompts={cfg.prompts!r}; expected one of {list(PROMPT_MODES)}")
+        raise InvalidValue(f"prompts={cfg.prompts!r}; expected one of {list(PROMPT_MODES)}")
     scores, shown = {}, None
     for mode in PROMPT_MODES:
         scores[mode], images = sample_and_score(model, text_encoder, prompts, sizes, cfg, bar, mode)
@@ -416,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out):
-        raise FileExistsError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
+        raise OutputExists(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
     cfg = build_config(args.quick, seed=args.seed)
     text_encoder = MiniLMTextEncoder()
     if args.ablation:
