@@ -11,8 +11,8 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from .cli_checks import (OneLineParser, check_device, check_input_file, check_output_file, integer,
-                         number)
+from .cli_checks import (OneLineParser, check_device, check_input_file, check_output_file, integer, number,
+                         quiet_loaders)
 from .errors import CorruptFile, InvalidValue, MissingFile, run_cli
 
 # Subcommands with their own parser: name -> (module whose ``main(argv)`` runs it, help line).
@@ -79,6 +79,8 @@ def check_generate_args(args) -> Tuple[List[str], List[str]]:
 
 def cmd_generate(args) -> int:
     prompts, paths = check_generate_args(args)
+    if args.quiet:
+        quiet_loaders()
     import torch
 
     from .atomic import save_image

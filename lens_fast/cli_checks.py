@@ -139,3 +139,14 @@ def check_input_file(path: str, flag: str) -> None:
         raise InvalidValue(f"{flag} {path} is not a file")
     if not os.access(path, os.R_OK):
         raise InvalidValue(f"{flag} {path} is not readable (permission denied)")
+
+
+def quiet_loaders() -> None:
+    """No progress bars from transformers / diffusers while they load weights (the
+    ``--quiet`` / ``--no-progress`` flags)."""
+    for name in ("transformers", "diffusers"):
+        try:
+            module = __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"])
+        except ImportError:
+            continue
+        module.disable_progress_bar()

@@ -33,12 +33,14 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
+from lens_fast.atomic import write_json
 from lens_fast.errors import CorruptFile, InvalidValue, MissingFile, StorageError, one_line
 from lens_fast.models.transformer import LensTransformer2DModel
 
 from .parallel import all_ranks_ok
 
 MARKER = "complete.json"
+EXPORT_MARKER = "exported.json"  # beside export/transformer: the step it holds
 WRITER = "lens_fast.train"
 
 
@@ -263,6 +265,19 @@ def load_checkpoint_weights(path: str, which: str = "model", model_config: Optio
     sd = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
     _load({which: sd}, path)
     return sd
+
+
+def exported_step(run_dir: str) -> Optional[int]:
+    """The step whose weights ``DIR/export/transformer`` holds (None: no export yet)."""
+    try:
+        with open(os.path.join(run_dir, "export", EXPORT_MARKER), encoding="utf-8") as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark_exported(run_dir: str, step: int) -> None:
+    write_json(os.path.join(run_dir, "export", EXPORT_MARKER), {"step": step, "time": time.time()})
 
 
 def export_transformer(folder: str, model_config: dict, state_dict: Dict[str, torch.Tensor],

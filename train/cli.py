@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import yaml
 
-from lens_fast.cli_checks import OneLineParser, check_device, integer, number
+from lens_fast.cli_checks import OneLineParser, check_device, integer, number, quiet_loaders
 from lens_fast.errors import InvalidValue, run_cli
 
 PROG = "lens-fast train"
@@ -89,6 +89,8 @@ def run(argv: List[str]) -> int:
         return 0
     from .trainer import Trainer
 
+    if not cfg.logging.progress_bar:
+        quiet_loaders()
     out = args.out or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, out_dir=out, resume=args.resume, device=args.device)
     try:

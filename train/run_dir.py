@@ -8,10 +8,10 @@
   files). flock works on local file systems; NFS and some network file systems do not
   honour it across machines.
 - ``open_run_dir``: the checks of ``--out`` (a new or empty folder, or with resume a
-  lens_fast run of the same model), taken under the lock, and ``run.json`` for a new run.
-- ``tidy_for_resume``: removes temporary files and folders (``.tmp-*``) that a killed
-  run left, truncates ``metrics.jsonl`` to the resumed step (a killed run logged steps
-  that its last checkpoint does not hold; a torn last line is dropped too), and
+  lens_fast run of the same model), taken again under the lock; removes the temporary
+  files and folders (``.tmp-*``) a killed process left; ``run.json`` for a new run.
+- ``tidy_for_resume``: truncates ``metrics.jsonl`` to the resumed step (a killed run
+  logged steps that its last checkpoint does not hold; a torn last line goes too), and
   records the resume in ``run.json``: when, from which checkpoint, and every setting
   that differs from the run's previous settings.
 
@@ -35,7 +35,7 @@ from lens_fast.errors import CorruptFile, InvalidValue, OutputExists, RunFolderB
 
 LOCK_NAME = ".lock"
 # Folders (relative to the run folder) where the trainer writes through temporaries.
-TEMP_HOMES = ("", "checkpoints", "samples", os.path.join("export", "transformer"))
+TEMP_HOMES = ("", "checkpoints", "samples", "export", os.path.join("export", "transformer"))
 
 
 class RunLock:
@@ -91,7 +91,7 @@ def check_run_dir(out: str, resume: bool, model_config: dict) -> bool:
         return True
     if not os.path.isdir(out):
         raise OutputExists(f"--out {out} exists and is not a folder")
-    names = sorted(n for n in os.listdir(out) if n != LOCK_NAME)
+    names = sorted(n for n in os.listdir(out) if n != LOCK_NAME and not n.startswith(TMP_PREFIX))
     if not names:
         return True
     if not resume:
@@ -127,10 +127,11 @@ def init_run_dir(out: str, cfg, model_config: dict, world: int) -> None:
                                                "resumes": []})
 
 
-def open_run_dir(out: str, resume: bool, cfg, model_config: dict, world: int) -> Tuple[RunLock, bool]:
-    """Check ``out``, create and lock it, check again under the lock (another process
-    may have started or finished in between), and write ``run.json`` for a new run.
-    Returns (the lock, whether the run is new)."""
+def open_run_dir(out: str, resume: bool, cfg, model_config: dict, world: int) -> Tuple[RunLock, bool, List[str]]:
+    """Check ``out``, create and lock it, remove the temporaries a killed process left,
+    check again under the lock (another process may have started or finished in
+    between), and write ``run.json`` for a new run. Returns (the lock, whether the run
+    is new, the temporaries removed)."""
     check_run_dir(out, resume, model_config)  # refuse a foreign folder before touching it
     try:
         os.makedirs(out, exist_ok=True)
@@ -139,12 +140,13 @@ def open_run_dir(out: str, resume: bool, cfg, model_config: dict, world: int) ->
     lock = RunLock(out)
     try:
         fresh = check_run_dir(out, resume, model_config)
+        removed = remove_stale_temporaries(out)
         if fresh:
             init_run_dir(out, cfg, model_config, world)
     except BaseException:
         lock.release()
         raise
-    return lock, fresh
+    return lock, fresh, removed
 
 
 # -- resume ---------------------------------------------------------------------------
@@ -205,10 +207,11 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> Dict[str, list]:
     return out
 
 
-def tidy_for_resume(run_dir: str, step: int, checkpoint: Optional[str], cfg, world: int) -> dict:
-    """Everything a resume puts in order (main rank, under the lock); returns the resume
+def tidy_for_resume(run_dir: str, step: int, checkpoint: Optional[str], cfg, world: int,
+                    removed: List[str] = ()) -> dict:
+    """Metrics truncated to ``step`` and the resume recorded in ``run.json`` (main rank,
+    under the lock; ``removed``: the temporaries ``open_run_dir`` removed); returns the
     record appended to ``run.json``'s ``resumes``."""
-    removed = remove_stale_temporaries(run_dir)
     dropped = truncate_metrics(run_dir, step)
     record = read_run_json(run_dir)
     new_config = json.loads(json.dumps(cfg.to_dict(), default=str))
@@ -219,7 +222,7 @@ def tidy_for_resume(run_dir: str, step: int, checkpoint: Optional[str], cfg, wor
         changed["torch"] = [record.get("torch"), torch.__version__]
     entry = {"time": time.time(), "step": step, "checkpoint": checkpoint and os.path.relpath(checkpoint, run_dir),
              "pid": os.getpid(), "host": socket.gethostname(), "changed": changed,
-             "removed_temporaries": removed, "metrics_lines_dropped": dropped}
+             "removed_temporaries": list(removed), "metrics_lines_dropped": dropped}
     record.setdefault("resumes", []).append(entry)
     record.update(config=new_config, world=world, torch=torch.__version__)
     write_json(os.path.join(run_dir, "run.json"), record)

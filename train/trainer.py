@@ -98,6 +98,7 @@ class Trainer:
     def _setup(self, model, data, out_dir, resume, callbacks, decoder) -> None:
         cfg = self.cfg
         self.run_lock: Optional[RunLock] = None
+        self._removed: List[str] = []  # stale temporaries removed when the run folder was opened
         check_inputs(cfg, model_given=model is not None, data_given=data is not None)
         if self.dist.world > 1 and not self.fsdp:
             raise InvalidValue(f"parallel.fsdp=false with {self.dist.world} ranks: data parallelism here is FSDP; "
@@ -146,8 +147,8 @@ class Trainer:
         error, fresh = None, True
         if self.dist.is_main:
             try:
-                self.run_lock, fresh = open_run_dir(self.run_dir, resume, self.cfg, self.model_config,
-                                                    self.dist.world)
+                self.run_lock, fresh, self._removed = open_run_dir(self.run_dir, resume, self.cfg,
+                                                                   self.model_config, self.dist.world)
             except UserError as e:
                 error = e
         if not all_ranks_ok(error is None, self.dist.world):
@@ -170,7 +171,8 @@ class Trainer:
             if self.dist.is_main:
                 log.info("resumed %s from %s (step %d)", self.run_dir, latest[1], self.step)
         if self.dist.is_main:
-            tidy_for_resume(self.run_dir, self.step, latest and latest[1], self.cfg, self.dist.world)
+            tidy_for_resume(self.run_dir, self.step, latest and latest[1], self.cfg, self.dist.world,
+                            self._removed)
         barrier(self.dist)
 
     # -- construction -----------------------------------------------------------------------
@@ -267,8 +269,10 @@ class Trainer:
                     totals += [record["samples"], record["image_tokens"], record["flops"]]
                 self.maybe_checkpoint(final=self.step == target)
                 self.maybe_sample()
-            if self.run_dir and self.step > result.step:
-                self.export()
+            resumed_unexported = (self.run_dir and self.step == target > 0
+                                  and ckpt.exported_step(self.run_dir) != self.step)
+            if self.run_dir and (self.step > result.step or resumed_unexported):
+                self.export()  # also when a run killed while exporting resumes at its last step
         finally:
             self.logger.close()
         result.step = self.step
@@ -406,6 +410,8 @@ class Trainer:
         folder = folder or os.path.join(self.run_dir, "export", "transformer")
         if self.dist.is_main:
             ckpt.export_transformer(folder, self.model_config, sd, overwrite=own)
+            if own:
+                ckpt.mark_exported(self.run_dir, self.step)
         barrier(self.dist)
         return folder
 

@@ -64,16 +64,17 @@ def expand_shards(patterns: List[str]) -> List[str]:
                 a, b = m.group(1), m.group(2)
                 nxt += [p[:m.start()] + str(i).zfill(len(a)) + p[m.end():] for i in range(int(a), int(b) + 1)]
             parts = nxt
+        missing, unreadable = [], []
         for p in parts:
             hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
-            missing = [h for h in hits if not os.path.isfile(h)]
-            if missing or not hits:
-                raise MissingFile(f"data shard(s) {missing or [p]} from pattern {pat!r} do not exist")
-            unreadable = [h for h in hits if not os.access(h, os.R_OK)]
-            if unreadable:
-                raise InvalidValue(f"data shard(s) {unreadable} from pattern {pat!r} are not readable "
-                                   "(permission denied)")
+            missing += [h for h in hits if not os.path.isfile(h)] or ([] if hits else [p])
+            unreadable += [h for h in hits if os.path.isfile(h) and not os.access(h, os.R_OK)]
             out += hits
+        for bad, what in ((missing, "do not exist"), (unreadable, "are not readable (permission denied)")):
+            if bad:
+                shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                error = MissingFile if bad is missing else InvalidValue
+                raise error(f"{len(bad)} data shard(s) from pattern {pat!r} {what}: {shown}")
     if not out:
         raise InvalidValue("data.shards is empty; expected tar files, globs or {000..099} patterns")
     return sorted(set(out))
@@ -191,7 +192,8 @@ class _RankStream:
         self.pending: Dict[str, Deque[Pending]] = {r: deque() for r in src.table.ratios}
         self.skips: Counter = Counter()  # since the start of training
         self.new_skips: Counter = Counter()  # while producing the current batch
-        self.skips_in_a_row = 0  # skipped samples since the last usable one
+        self.skips_in_a_row = 0  # samples skipped while reading since the last one that parsed
+        self.failed_decodes_in_a_row = 0  # parsed samples whose image did not decode, since the last that did
         self.shards_without_usable = 0  # shards finished since the last sample that parsed
         self._iter = None
 
@@ -201,16 +203,23 @@ class _RankStream:
         perm = np.random.default_rng([self.src.seed, self.epoch, 11]).permutation(n).tolist()
         return perm[self.rank::self.world] if n >= self.world else perm
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, at_decode: bool = False) -> None:
         self.skips[reason] += 1
         self.new_skips[reason] += 1
-        self.skips_in_a_row += 1
-        if self.skips_in_a_row >= self.src.max_consecutive_skips:
-            raise self._stuck(f"the last {self.skips_in_a_row} samples it read were all skipped")
+        if at_decode:
+            self.failed_decodes_in_a_row += 1
+        else:
+            self.skips_in_a_row += 1
+        run = max(self.skips_in_a_row, self.failed_decodes_in_a_row)
+        if run >= self.src.max_consecutive_skips:
+            raise self._stuck(f"the last {run} samples it read were all skipped")
 
-    def used(self) -> None:
-        """A sample made it into a batch."""
-        self.skips_in_a_row = 0
+    def decoded(self, ok: bool) -> None:
+        """A buffered sample's image decoded (into a batch) or did not (skipped)."""
+        if ok:
+            self.failed_decodes_in_a_row = 0
+        else:
+            self._skip("corrupt", at_decode=True)
 
     def _stuck(self, what: str) -> NoUsableData:
         names = [os.path.basename(self.src.shards[i]) for i in self._order()]
@@ -263,7 +272,7 @@ class _RankStream:
             if isinstance(sample, str):
                 self._skip(sample)
                 continue
-            self.shards_without_usable = 0
+            self.shards_without_usable = self.skips_in_a_row = 0
             self.pending[sample[0]].append(sample[1])
             return
 
@@ -370,10 +379,8 @@ class WebDatasetSource:
                 stream.pull()
             take = [stream.pending[ratio].popleft() for _ in range(b - len(images))]
             for p, img in zip(take, self._decode(take, bucket.height, bucket.width)):
-                if img is None:
-                    stream._skip("corrupt")
-                else:
-                    stream.used()
+                stream.decoded(img is not None)
+                if img is not None:
                     images.append(img)
                     captions.append(p.caption)
         skips = dict(stream.new_skips)

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import CorruptFile, InvalidValue, MissingFile, one_line
+from ..errors import CorruptFile, InvalidValue, MissingFile, OutputExists, UserError, one_line, storage_error
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -160,24 +160,36 @@ def load_state_dict_into(model: torch.nn.Module, files, dtype: Optional[torch.dt
 
 
 def atomic_write_folder(target: str, write_fn, overwrite: bool, stale_prefix: Optional[str] = None) -> None:
-    """Write a folder's files into a temp dir beside ``target`` then move them in."""
-    os.makedirs(target, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=target)
+    """Write a folder's files into a temp dir beside ``target`` then move them in. A
+    failed write (disk full, permissions) raises ``StorageError`` naming ``target``."""
     try:
-        write_fn(tmp)
-        names = os.listdir(tmp)
-        clashes = [n for n in names if os.path.exists(os.path.join(target, n))]
-        if clashes and not overwrite:
-            raise FileExistsError(f"{target} already holds {clashes}; pass overwrite=True to replace them")
-        if overwrite and stale_prefix:
-            # A replaced checkpoint must not leave shards (or an index) of the old one behind.
-            for n in os.listdir(target):
-                if n.startswith(stale_prefix) and n not in names and os.path.isfile(os.path.join(target, n)):
-                    os.remove(os.path.join(target, n))
-        for n in names:
-            os.replace(os.path.join(tmp, n), os.path.join(target, n))
+        os.makedirs(target, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=target)
+    except OSError as e:
+        raise storage_error(f"cannot write {target}", e) from None
+    try:
+        _fill_folder(target, tmp, write_fn, overwrite, stale_prefix)
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        raise storage_error(f"cannot write {target}", e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fill_folder(target: str, tmp: str, write_fn, overwrite: bool, stale_prefix: Optional[str]) -> None:
+    write_fn(tmp)
+    names = os.listdir(tmp)
+    clashes = [n for n in names if os.path.exists(os.path.join(target, n))]
+    if clashes and not overwrite:
+        raise OutputExists(f"{target} already holds {clashes}; pass overwrite=True to replace them")
+    if overwrite and stale_prefix:
+        # A replaced checkpoint must not leave shards (or an index) of the old one behind.
+        for n in os.listdir(target):
+            if n.startswith(stale_prefix) and n not in names and os.path.isfile(os.path.join(target, n)):
+                os.remove(os.path.join(target, n))
+    for n in names:
+        os.replace(os.path.join(tmp, n), os.path.join(target, n))
 
 
 class ModelLoadingMixin:
