@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from lens_fast.atomic import TMP_PREFIX, write_json, write_text
-from lens_fast.errors import CorruptFile, InvalidValue, OutputExists, RunFolderBusy, storage_error
+from lens_fast.errors import CorruptFile, InvalidValue, OutputExists, RunFolderBusy, StorageError, storage_error
 
 LOCK_NAME = ".lock"
 # Folders (relative to the run folder) where the trainer writes through temporaries.
@@ -57,10 +57,24 @@ class RunLock:
                 raise RunFolderBusy(f"run folder {run_dir} is in use by another training process ({holder}); "
                                     "wait for it to end or choose another --out") from None
             raise storage_error(f"cannot lock the run folder {run_dir}", e) from None
-        self.fd = fd
+        self.fd, self.run_dir = fd, run_dir
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+    def check(self) -> None:
+        """The lock file is still the one this process locked: a run folder removed or
+        replaced underneath (``rm -rf``, a sync tool) would let a second process lock a
+        new file while this one writes on, so it is a ``StorageError``."""
+        try:
+            same = os.path.samestat(os.fstat(self.fd), os.stat(self.path))
+        except OSError:
+            same = False
+        if not same:
+            err = StorageError(f"run folder {self.run_dir} was removed or replaced while this run was using it; "
+                               "stopping before writing into it (its last checkpoint is wherever the folder went)")
+            err.errno = errno.ENOENT
+            raise err
 
     def release(self) -> None:
         if self.fd is not None:

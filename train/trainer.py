@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_optimizer_state_dict)
 
 from lens_fast.atomic import write_text
-from lens_fast.errors import InvalidValue, RunFolderBusy, UserError
+from lens_fast.errors import InvalidValue, RunFolderBusy, StorageError, UserError
 from lens_fast.models.config import LensTransformerConfig
 from lens_fast.models.transformer import LensTransformer2DModel
 
@@ -312,7 +312,7 @@ class Trainer:
         self._pending, self._norms = [], []
         tp.reset()
         result.records.append(record)
-        self.logger.log(record)
+        self._write_guarded(self.logger.log, record)
         for cb in self.callbacks:
             cb.on_log(self, record)
         return record
@@ -331,10 +331,24 @@ class Trainer:
         return {"step": self.step, "rng": ckpt.rng_state(), "data": self.data.state_dict(),
                 "skipped_total": self.skipped_total, "data_world": self.data_world, "rank": self.dist.rank}
 
+    def _write_guarded(self, write, *args) -> None:
+        """Run a main-rank write after checking the run folder is still this run's; a
+        failure (disk full, the folder removed) stops every rank, never one alone."""
+        error = None
+        try:
+            if self.run_lock is not None:
+                self.run_lock.check()
+            write(*args)
+        except StorageError as e:
+            error = e
+        if not all_ranks_ok(error is None, self.dist.world):
+            raise error or StorageError(f"rank 0 stopped writing into {self.run_dir} (see its error)")
+
     def save(self) -> Optional[str]:
         """Checkpoint the run now (collective)."""
         if not self.run_dir:
             raise InvalidValue("this Trainer has no out_dir to checkpoint into")
+        self._write_guarded(lambda: None)
         state, _, _ = self._app_state()
         path = ckpt.save_checkpoint(self.run_dir, self.step, state, self.rank_state(), self.dist.rank,
                                     self.dist.world, lambda: barrier(self.dist), self.cfg.checkpoint.keep_last)
