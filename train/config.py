@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import yaml
 
-from lens_fast.errors import InvalidValue, MissingFile
+from lens_fast.errors import InvalidValue, MissingFile, one_line
 from lens_fast.models.config import LensTransformerConfig
 
 RATIOS = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
@@ -168,8 +168,8 @@ class TrainConfig:
                 raise ConfigError(f"override {a!r}: expected section.key=value with one dot, e.g. optim.lr=1e-4")
             try:
                 parsed = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"override {a!r}: value is not valid YAML: {e}") from None
+            except (yaml.YAMLError, ValueError) as e:  # ValueError: a YAML date that does not exist
+                raise ConfigError(f"override {a!r}: value is not valid YAML: {one_line(e)}") from None
             if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
                 try:
                     parsed = float(parsed)
@@ -397,8 +397,8 @@ def load_config(name_or_file: str) -> TrainConfig:
     with open(name_or_file, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{name_or_file} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, ValueError) as e:
+            raise ConfigError(f"{name_or_file} is not valid YAML: {one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{name_or_file}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
