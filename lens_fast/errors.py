@@ -28,7 +28,8 @@ class InvalidValue(UserError, ValueError):
 
 
 class MissingFile(UserError, FileNotFoundError):
-    """An input file or folder does not exist."""
+    """An input file or folder does not exist (pickle weights where safetensors are
+    expected count as missing: lens_fast never reads them)."""
 
 
 class OutputExists(UserError, FileExistsError):
@@ -36,8 +37,7 @@ class OutputExists(UserError, FileExistsError):
 
 
 class CorruptFile(UserError, ValueError):
-    """An input file exists but cannot be used: truncated, not the expected format, or
-    pickle weights (lens_fast reads safetensors only)."""
+    """An input file exists but cannot be used: truncated, not the expected format."""
 
 
 class RunFolderBusy(UserError, RuntimeError):

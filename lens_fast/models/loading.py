@@ -82,7 +82,7 @@ def _read_index(index: str, folder: str) -> Tuple[list, Dict[str, str]]:
 def _refuse_pickles(folder: str, what: str) -> None:
     pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_EXTS))
     if pickles:
-        raise CorruptFile(f"{folder} ({what}) holds only pickle weights ({', '.join(pickles)}); lens_fast loads "
+        raise MissingFile(f"{folder} ({what}) holds only pickle weights ({', '.join(pickles)}); lens_fast loads "
                           "safetensors only and never unpickles. To use it, " + _conversion_hint(folder, pickles[0]))
 
 
