@@ -75,8 +75,11 @@ class Trainer:
     ``config.model`` (meta device, sharded, initialised per parameter, or loaded from
     ``model.pretrained``). ``data``: a DataSource (see ``lens_fast.train``), by default
     built from ``config.data``. ``out_dir``: the run folder for checkpoints, metrics,
-    samples and the export (None: nothing is written). ``decoder``: turns tokens into
-    images for sample grids (LensVAE or PixelSpace; default from the config)."""
+    samples and the export (None: nothing is written), locked by this trainer until
+    ``close()`` (also a context manager). ``resume``: continue from its latest complete
+    checkpoint (``lens_fast.train.run_dir``). ``decoder``: turns tokens into images for
+    sample grids (LensVAE or PixelSpace; default from the config). Every input the
+    config names is checked before anything loads."""
 
     def __init__(self, config: TrainConfig, model: Optional[LensTransformer2DModel] = None, data=None,
                  out_dir: Optional[str] = None, resume: bool = False, callbacks: Sequence[Callback] = (),
