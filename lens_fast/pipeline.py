@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import InvalidValue, MissingFile
 from .models.config import read_json
-from .models.loading import check_weights_folder, resolve_dtype
+from .models.loading import check_component_files, resolve_dtype
 from .models.transformer import LensTransformer2DModel
 from .sampling import cfg_combine, lens_sigmas
 from .vae import LensVAE
@@ -145,8 +145,9 @@ class LensPipeline:
             entry = index.get(name)
             return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
 
-        weighted = ("transformer", "vae") + (("text_encoder",) if present("text_encoder") else ())
-        for name in ("transformer", "vae", "scheduler") + (("text_encoder", "tokenizer") if present("text_encoder") else ()):
+        components = ("transformer", "vae", "scheduler") + (("text_encoder", "tokenizer") if present("text_encoder")
+                                                             else ())
+        for name in components:
             if not present(name):
                 raise InvalidValue(f"{index_path} has no {name} component; a Lens pipeline needs one")
             if not os.path.isdir(os.path.join(folder, name)):
@@ -155,8 +156,7 @@ class LensPipeline:
         if not os.path.isfile(sched_path):
             raise MissingFile(f"missing {sched_path}")
         scheduler_config = read_json(sched_path)
-        for name in weighted:  # every component's files, before any of them loads
-            check_weights_folder(os.path.join(folder, name), f"the {name.replace('_', ' ')}")
+        check_component_files(folder, components)  # every component's files, before any of them loads
         dtype = resolve_dtype(torch_dtype)
         transformer = LensTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"),
                                                              torch_dtype=dtype, device=device)

@@ -113,60 +113,73 @@ def _write_json_synced(path: str, obj) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, state: Dict, rank_state: dict, rank: int, world: int,
-                    barrier, keep_last: Optional[int] = None) -> Optional[str]:
-    """Write ``step_N`` atomically (collective: every rank calls it). Returns the path,
-    or None when a complete ``step_N`` exists already. A failed write raises
-    ``StorageError`` on every rank (never a rank left waiting for the others)."""
+                    keep_last: Optional[int] = None) -> Optional[str]:
+    """Write ``step_N`` atomically (collective: every rank calls it; each phase ends in
+    an all-reduce of "did it work here", which is also the barrier between phases).
+    Returns the path, or None when a complete ``step_N`` exists already. A failed write
+    raises ``StorageError`` on every rank (never a rank left waiting for the others)."""
     _check_tensors_only(state)
     root = checkpoint_dir(run_dir)
     final = os.path.join(root, f"step_{step}")
     if os.path.isfile(os.path.join(final, MARKER)):
         return None
     tmp = os.path.join(root, f".tmp-step_{step}")
-    error: Optional[BaseException] = None
-    try:
+
+    def prepare():
         if rank == 0:
             os.makedirs(root, exist_ok=True)
             if os.path.isdir(tmp):  # left by a run of this folder killed while saving
                 shutil.rmtree(tmp)
             os.makedirs(os.path.join(tmp, "rank_state"))
-    except OSError as e:
-        error = e
-    if not all_ranks_ok(error is None, world):
-        raise _save_error(error, step, root)
-    try:
+
+    def write():
         with _single_process_quiet():
             dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
         _write_json_synced(os.path.join(tmp, "rank_state", f"rank_{rank:05d}.json"), rank_state)
+
+    def publish():
+        if rank != 0:
+            return
+        _write_json_synced(os.path.join(tmp, MARKER), {"writer": WRITER, "step": step, "world": world,
+                                                       "time": time.time()})
+        if os.path.isdir(final):  # an incomplete step_N cannot be made by this code; keep it aside
+            os.rename(final, final + f".incomplete-{int(time.time())}")
+        os.rename(tmp, final)
+        if keep_last:
+            for _, old in list_checkpoints(run_dir)[:-keep_last]:
+                with open(os.path.join(old, MARKER), encoding="utf-8") as f:
+                    if json.load(f).get("writer") == WRITER:
+                        shutil.rmtree(old)
+
+    for phase in (prepare, write, publish):
+        _on_every_rank(phase, rank, world, tmp, f"writing checkpoint step_{step} into {root} failed")
+    return final
+
+
+def _on_every_rank(phase, rank: int, world: int, tmp: str, what: str) -> None:
+    """Run one phase of a save on this rank; when it failed on any rank, rank 0 removes
+    the temporary folder and every rank raises ``StorageError`` (none is left waiting)."""
+    error: Optional[BaseException] = None
+    try:
+        phase()
     except dcp.api.CheckpointException as e:  # raised on every rank when any rank failed
         if not isinstance(_cause(e), OSError):
             raise
         error = _cause(e)
     except OSError as e:
         error = e
-    if not all_ranks_ok(error is None, world):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_error(error, step, root)
-    try:
-        if rank == 0:
-            _write_json_synced(os.path.join(tmp, MARKER), {"writer": WRITER, "step": step, "world": world,
-                                                           "time": time.time()})
-            if os.path.isdir(final):  # an incomplete step_N cannot be made by this code; keep it aside
-                os.rename(final, final + f".incomplete-{int(time.time())}")
-            os.rename(tmp, final)
-            if keep_last:
-                for _, old in list_checkpoints(run_dir)[:-keep_last]:
-                    with open(os.path.join(old, MARKER), encoding="utf-8") as f:
-                        if json.load(f).get("writer") == WRITER:
-                            shutil.rmtree(old)
-    except OSError as e:
-        error = e
-    if not all_ranks_ok(error is None, world):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_error(error, step, root)
-    return final
+    if all_ranks_ok(error is None, world):
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        raise StorageError(f"{what} on another rank (see its error); the earlier checkpoints are intact")
+    hint = "; the earlier checkpoints are intact: fix the cause (free space, permissions) and rerun with --resume"
+    if isinstance(error, FileNotFoundError):
+        hint = " (removed by another process while it was being written?)" + hint
+    err = StorageError(f"{what}: {one_line(error)}{hint}")
+    err.errno = getattr(error, "errno", None)
+    raise err
 
 
 def _check_tensors_only(state, prefix: str = "") -> None:
@@ -177,18 +190,6 @@ def _check_tensors_only(state, prefix: str = "") -> None:
         elif not isinstance(value, torch.Tensor):
             raise TypeError(f"checkpoint state {prefix}{key} is a {type(value).__name__}; checkpoints hold tensors "
                             "only (safetensors), put other values in rank_state")
-
-
-def _save_error(error: Optional[BaseException], step: int, root: str) -> StorageError:
-    what = f"writing checkpoint step_{step} into {root} failed"
-    if error is None:
-        return StorageError(f"{what} on another rank (see its error); the earlier checkpoints are intact")
-    hint = "; the earlier checkpoints are intact: fix the cause (free space, permissions) and rerun with --resume"
-    if isinstance(error, FileNotFoundError):
-        hint = " (removed by another process while it was being written?)" + hint
-    err = StorageError(f"{what}: {one_line(error)}{hint}")
-    err.errno = getattr(error, "errno", None)
-    return err
 
 
 def _cause(e: BaseException) -> BaseException:

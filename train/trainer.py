@@ -354,7 +354,7 @@ class Trainer:
         self._write_guarded(lambda: None)
         state, _, _ = self._app_state()
         path = ckpt.save_checkpoint(self.run_dir, self.step, state, self.rank_state(), self.dist.rank,
-                                    self.dist.world, lambda: barrier(self.dist), self.cfg.checkpoint.keep_last)
+                                    self.dist.world, self.cfg.checkpoint.keep_last)
         if path:
             for cb in self.callbacks:
                 cb.on_checkpoint(self, path)

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CorruptFile, InvalidValue, MissingFile, OutputExists, UserError, one_line, storage_error
+from .config import read_json
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -100,6 +101,21 @@ def check_weights_folder(folder: str, what: str) -> list:
     for path in paths:
         check_safetensors(path)
     return paths
+
+
+WEIGHTED_COMPONENTS = ("transformer", "vae", "text_encoder")
+
+
+def check_component_files(folder: str, components) -> None:
+    """Every JSON file of each component folder parses, and each weighted component
+    holds readable safetensors: a checkpoint folder's problems surface before any of
+    its components loads."""
+    for name in components:
+        sub = os.path.join(folder, name)
+        for json_name in sorted(n for n in os.listdir(sub) if n.endswith(".json")):
+            read_json(os.path.join(sub, json_name))
+        if name in WEIGHTED_COMPONENTS:
+            check_weights_folder(sub, f"the {name.replace('_', ' ')}")
 
 
 def find_weight_files(folder: str, weights_name: str) -> Tuple[list, Optional[Dict[str, str]]]:
