@@ -268,3 +268,21 @@ def test_sigkill_at_every_kind_of_point_then_resume_gives_the_uninterrupted_run(
     # resumed from the last complete checkpoint: 2 (killed at 3), 2 (killed writing 4's
     # rank state), 4 (killed mid-line at 5), 6 (killed before renaming 8), 10 (in the export).
     assert [r["step"] for r in run_json(out)["resumes"]] == [2, 2, 4, 6, 10]
+
+
+def test_train_checkpoint_resume_and_export_never_unpickle(tmp_path, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+    for owner, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(owner, name, refuse)
+    out = str(tmp_path / "run")
+    with Trainer(tiny(**{"checkpoint.every": 2}), out_dir=out) as t:
+        t.train(max_steps=3)
+    with Trainer(tiny(), out_dir=out, resume=True) as t:
+        assert t.step == 3 and t.train(max_steps=4).step == 4
+    from lens_fast.models.transformer import LensTransformer2DModel
+    from lens_fast.train.checkpoint import load_checkpoint_weights
+    LensTransformer2DModel.from_pretrained(os.path.join(out, "export", "transformer"))
+    assert load_checkpoint_weights(os.path.join(out, "checkpoints", "step_4"), "ema")
