@@ -152,8 +152,24 @@ def run(argv: List[str]) -> int:
     return args.func(args)
 
 
+def passive_openmp() -> None:
+    """Re-run this command with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
+
+    With the default policy libgomp's threads spin between parallel regions; when another
+    CPU-heavy process shares the cores, the demo's small ops ran 4-13x slower on a 2-core
+    machine (README, "Reliability"). The variable is read when libgomp loads, which is
+    before this function can run (``import lens_fast`` imports torch), hence the exec.
+    Only the ``lens-fast`` command does this; the results do not change, only the speed."""
+    if "OMP_WAIT_POLICY" in os.environ or not sys.executable:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, "-m", "lens_fast.cli", *sys.argv[1:]])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``lens-fast``: returns the exit status (2 for user errors, 1 for bugs)."""
+    if argv is None:
+        passive_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_cli("lens-fast", run, argv)
 

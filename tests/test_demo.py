@@ -48,7 +48,7 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     md = (out / "report.md").read_text()
     assert all(t in md for t in TAG_ORDER) and "overall" in md
     assert "as_written" in md and "rewritten" in md
-    assert report["steps"] == 120 and len(report["weights_sha256"]) == 16 and report["machine"]["threads"] == 1
+    assert report["steps"] == 120 and len(report["weights_sha256"]) == 16 and report["machine"]["threads"] == 2
     assert main(["--quick", "--out", str(out)]) == 2  # nothing is overwritten
 
 

@@ -29,7 +29,7 @@ tokens, so each canvas needs its own layout); ``--ablation resolution`` trains t
 2:3/1:1/3:2 buckets against one square size.
 
 Reproducible: the run is a fixed number of optimiser steps (``steps``, 1,800) on fixed
-seeds with a fixed thread count (``threads``, 1), so the same software gives the same
+seeds with a fixed thread count (``threads``, 2), so the same software gives the same
 score on any machine and under any load, bit for bit on the same CPU type (the report
 carries a hash of the trained weights to check that); the wall time is reported, not
 budgeted. Time plan on a 2-core CPU (default): ~25 s data + text features, ~8 min
@@ -97,10 +97,10 @@ class DemoConfig:
     sample_mu: Optional[float] = None  # sampler's time-shift location (None: the reference's empirical mu)
     seed: int = 0
     # Intra-op threads for training and sampling. Results depend on the thread count (not on
-    # the core count or load), so it is fixed; one thread is as fast as two for this tiny
-    # model and immune to OpenMP spin-waiting, which slowed two threads 4-13x whenever another
-    # CPU-heavy process shared the 2 cores (measured; README, "The demo").
-    threads: int = 1
+    # the core count or load), so it is fixed. `lens-fast demo` runs with OMP_WAIT_POLICY=PASSIVE
+    # (lens_fast.cli.passive_openmp): with the default policy, two threads ran 4-13x slower
+    # whenever another CPU-heavy process shared the 2 cores (README, "Reliability").
+    threads: int = 2
     ablation_steps: int = 600  # optimiser steps of EACH ablation arm (equal compute across arms)
 
 
