@@ -23,31 +23,28 @@ def _text(value: Any) -> str:
 
 
 def save_image(image, path: str, metadata: Dict[str, Any]) -> None:
-    """Saves a PIL ``image`` to ``path`` (.png, .jpg/.jpeg, .webp) with ``metadata``
-    (JSON-serialisable values; None values are left out)."""
+    """Saves a PIL ``image`` to ``path`` (.png, .jpg/.jpeg, .webp) atomically
+    (``lens_fast.atomic``) with ``metadata`` (JSON-serialisable values; None values are left out)."""
     from PIL import Image, PngImagePlugin
+
+    from .atomic import atomic_write
+    from .errors import InvalidValue
 
     fields = {k: v for k, v in metadata.items() if v is not None}
     ext = os.path.splitext(path)[1].lower()
-    tmp = f"{path}.tmp-{os.getpid()}{ext}"
-    try:
-        if ext == ".png":
-            info = PngImagePlugin.PngInfo()
-            for key, value in fields.items():
-                info.add_itxt(key, _text(value))
-            info.add_itxt(JSON_KEY, json.dumps(fields, sort_keys=True))
-            image.save(tmp, pnginfo=info)
-        elif ext in (".jpg", ".jpeg", ".webp"):
-            exif = Image.Exif()
-            exif[_EXIF_DESCRIPTION] = json.dumps({JSON_KEY: fields}, sort_keys=True, ensure_ascii=True)
-            image.save(tmp, exif=exif)
-        else:
-            raise ValueError(f"{path}: cannot record metadata in a {ext or 'extension-less'} file; expected .png, "
-                             ".jpg, .jpeg or .webp")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if ext == ".png":
+        fmt, extra = "PNG", {"pnginfo": PngImagePlugin.PngInfo()}
+        for key, value in fields.items():
+            extra["pnginfo"].add_itxt(key, _text(value))
+        extra["pnginfo"].add_itxt(JSON_KEY, json.dumps(fields, sort_keys=True))
+    elif ext in (".jpg", ".jpeg", ".webp"):
+        exif = Image.Exif()
+        exif[_EXIF_DESCRIPTION] = json.dumps({JSON_KEY: fields}, sort_keys=True, ensure_ascii=True)
+        fmt, extra = ("WEBP" if ext == ".webp" else "JPEG"), {"exif": exif}
+    else:
+        raise InvalidValue(f"{path}: cannot record metadata in a {ext or 'extension-less'} file; expected .png, "
+                           ".jpg, .jpeg or .webp")
+    atomic_write(path, lambda f: image.save(f, format=fmt, **extra))
 
 
 def read_image_metadata(path: str) -> Dict[str, Any]:

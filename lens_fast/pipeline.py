@@ -9,6 +9,7 @@ only the cond half (the rescaled combination equals cond exactly).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import InvalidValue, MissingFile
 from .models.config import read_json
-from .models.loading import resolve_dtype
+from .models.loading import check_component_files, resolve_dtype
 from .models.transformer import LensTransformer2DModel
 from .sampling import cfg_combine, lens_sigmas
 from .vae import LensVAE
@@ -137,30 +139,33 @@ class LensPipeline:
         ``lens_fast.reasoner.Reasoner``, or "local" / "api" for one with the default system
         prompt (``lens_fast.reasoner.build_reasoner`` takes the other options)."""
         if quantization not in (None, "fp8"):
-            raise ValueError(f"quantization={quantization!r}; expected None or 'fp8'")
+            raise InvalidValue(f"quantization={quantization!r}; expected None or 'fp8'")
         folder = os.fspath(folder)
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
-            raise FileNotFoundError(f"{folder} is not a Lens checkpoint folder: model_index.json is missing")
+            raise MissingFile(f"{folder} is not a Lens checkpoint folder: model_index.json is missing")
         index = read_json(index_path)
 
         def present(name):
             entry = index.get(name)
             return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
 
-        for name in ("transformer", "vae", "scheduler") + (("text_encoder", "tokenizer") if present("text_encoder") else ()):
+        components = ("transformer", "vae", "scheduler") + (("text_encoder", "tokenizer") if present("text_encoder")
+                                                             else ())
+        for name in components:
             if not present(name):
-                raise ValueError(f"{index_path} has no {name} component; a Lens pipeline needs one")
+                raise InvalidValue(f"{index_path} has no {name} component; a Lens pipeline needs one")
             if not os.path.isdir(os.path.join(folder, name)):
-                raise FileNotFoundError(f"{folder} is missing the {name}/ folder named in model_index.json")
+                raise MissingFile(f"{folder} is missing the {name}/ folder named in model_index.json")
+        sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        if not os.path.isfile(sched_path):
+            raise MissingFile(f"missing {sched_path}")
+        scheduler_config = read_json(sched_path)
+        check_component_files(folder, components)  # every component's files, before any of them loads
         dtype = resolve_dtype(torch_dtype)
         transformer = LensTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"),
                                                              torch_dtype=dtype, device=device)
         vae = LensVAE.from_pretrained(folder, "vae", torch_dtype=dtype, device=device)
-        sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-        if not os.path.isfile(sched_path):
-            raise FileNotFoundError(f"missing {sched_path}")
-        scheduler_config = read_json(sched_path)
         text_encoder = None
         if present("text_encoder"):
             from .text_encoder import LensTextEncoder
@@ -355,6 +360,8 @@ class LensPipeline:
         steps, guidance = self.recommended
         num_inference_steps = steps if num_inference_steps is None else num_inference_steps
         guidance_scale = guidance if guidance_scale is None else float(guidance_scale)
+        if not math.isfinite(guidance_scale):
+            raise InvalidValue(f"guidance_scale={guidance_scale}: expected a finite number")
         device, dtype = self.device, self.dtype
         use_cfg = guidance_scale != 1.0
         rewrites = None

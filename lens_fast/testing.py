@@ -15,9 +15,12 @@ Text-encoder fixtures (this section):
   (97) tokens long, like the official o200k-harmony tokenizer, for any date.
 
 Denoiser / VAE fixture builders belong in their own section after the text-encoder one.
+WebDataset shard fixtures (``write_tar``, ``captioned_sample``, ``image_bytes``) and the
+``WordFeatures`` text-encoder stand-in serve the trainer's data and reliability tests.
 """
 import json
 import os
+import zlib
 from typing import Dict, List
 
 import torch
@@ -232,3 +235,64 @@ def make_tiny_text_encoder_checkpoint(folder, num_layers: int = 6, hidden: int =
     folder = os.fspath(folder)
     make_tiny_tokenizer(os.path.join(folder, "tokenizer"))
     return make_tiny_gpt_oss(os.path.join(folder, "text_encoder"), num_layers, hidden, seed, mxfp4=mxfp4)
+
+
+# ----------------------------------------------------------------------------------------
+# WebDataset shard fixtures
+# ----------------------------------------------------------------------------------------
+
+def image_bytes(w: int, h: int, seed: int, fmt: str = "PNG") -> bytes:
+    """A random RGB image of w x h pixels, encoded."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path, samples, cut_last=None) -> str:
+    """A WebDataset shard. ``samples``: [(key, {ext: bytes})]; ``cut_last``: keep only
+    this many bytes of the archive (a truncated shard)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    if cut_last is not None:
+        data = data[:cut_last]
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def captioned_sample(key: str, w: int = 40, h: int = 40, caption: str = None, seed: int = 0):
+    """(key, {png, json caption}) for ``write_tar``."""
+    return key, {"png": image_bytes(w, h, seed), "json": json.dumps({"caption": caption or key}).encode()}
+
+
+class WordFeatures:
+    """A text-encoder stand-in for trainer tests: each word maps to fixed random
+    vectors (one table per layer); ``encode`` has ``LensTextEncoder.encode``'s signature."""
+
+    def __init__(self, layers, dim):
+        self.table = torch.randn(layers, 256, dim, generator=torch.Generator().manual_seed(0))
+
+    def encode(self, captions, max_sequence_length, device):
+        ids = [[zlib.crc32(w.encode()) % 256 for w in c.split()][:max_sequence_length] or [0] for c in captions]
+        s = max(map(len, ids))
+        mask = torch.zeros(len(ids), s, dtype=torch.bool)
+        idx = torch.zeros(len(ids), s, dtype=torch.long)
+        for i, row in enumerate(ids):
+            mask[i, :len(row)] = True
+            idx[i, :len(row)] = torch.as_tensor(row)
+        return [t[idx] * mask[..., None] for t in self.table], mask

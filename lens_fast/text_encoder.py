@@ -35,9 +35,11 @@ from datetime import datetime
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
 
+from .errors import CorruptFile, InvalidValue, MissingFile, one_line
 from .models.config import read_json
-from .models.loading import resolve_dtype
+from .models.loading import check_weights_folder, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def validate_template_date(value: Union[str, _date], source: str = "template_dat
             return value
         except ValueError:
             pass
-    raise ValueError(f"{source}={value!r}; expected a real calendar date written YYYY-MM-DD (e.g. '2025-08-05')")
+    raise InvalidValue(f"{source}={value!r}; expected a real calendar date written YYYY-MM-DD (e.g. '2025-08-05')")
 
 
 def set_template_date(text: str, date: str) -> Tuple[str, bool]:
@@ -194,25 +196,28 @@ class LensTextEncoder:
 
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"Lens checkpoint folder {folder!r} does not exist; expected a folder with "
-                                    f"{text_encoder_subfolder}/ and {tokenizer_subfolder}/")
+            raise MissingFile(f"Lens checkpoint folder {folder!r} does not exist; expected a folder with "
+                              f"{text_encoder_subfolder}/ and {tokenizer_subfolder}/")
         te_dir = os.path.join(folder, text_encoder_subfolder)
         tok_dir = os.path.join(folder, tokenizer_subfolder)
         for path, what in ((te_dir, "the GPT-OSS text encoder (config.json + safetensors)"),
                            (tok_dir, "the GPT-OSS harmony tokenizer")):
             if not os.path.isdir(path):
-                raise FileNotFoundError(f"{path} is missing; expected a folder holding {what}")
+                raise MissingFile(f"{path} is missing; expected a folder holding {what}")
         config_path = os.path.join(te_dir, "config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} is missing; expected the text encoder's transformers config")
-        if not any(f.endswith((".safetensors", ".bin", ".safetensors.index.json")) for f in os.listdir(te_dir)):
-            raise FileNotFoundError(f"{te_dir} holds no weights; expected model*.safetensors (or an index json)")
-        if not any(os.path.isfile(os.path.join(tok_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-            raise FileNotFoundError(f"{tok_dir} holds neither tokenizer.json nor tokenizer_config.json")
+            raise MissingFile(f"{config_path} is missing; expected the text encoder's transformers config")
+        check_weights_folder(te_dir, "the text encoder")
+        tokenizer_files = [f for f in ("tokenizer.json", "tokenizer_config.json")
+                           if os.path.isfile(os.path.join(tok_dir, f))]
+        if not tokenizer_files:
+            raise MissingFile(f"{tok_dir} holds neither tokenizer.json nor tokenizer_config.json")
+        for name in tokenizer_files:
+            read_json(os.path.join(tok_dir, name))
         config = read_json(config_path)
 
         dtype = resolve_dtype(torch_dtype)
-        kwargs = {}
+        kwargs = {"use_safetensors": True}  # never let transformers fall back to pickle weights
         quant = config.get("quantization_config") or {}
         if quant.get("quant_method") == "mxfp4":
             dequantize = (not _mxfp4_kernels_usable(device)) if dequantize_mxfp4 is None else bool(dequantize_mxfp4)
@@ -230,11 +235,17 @@ class LensTextEncoder:
             kwargs["device_map"] = str(torch.device(device))
         # transformers renamed torch_dtype= to dtype= in 4.56 (the project supports >= 4.55)
         kwargs["dtype" if _transformers_version() >= (4, 56) else "torch_dtype"] = dtype or "auto"
-        model = AutoModelForCausalLM.from_pretrained(te_dir, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(te_dir, **kwargs)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CorruptFile(f"cannot load the text encoder from {te_dir}: {one_line(e)}") from None
         if device is not None and not use_device_map:
             model = model.to(device)
         model.eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for a malformed file
+            raise CorruptFile(f"cannot load the tokenizer from {tok_dir}: {one_line(e)}") from None
         return cls(model, tokenizer, selected_layer_index, txt_offset=txt_offset, template_date=template_date,
                    cache_size=cache_size, cache_device=cache_device)
 

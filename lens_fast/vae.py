@@ -12,8 +12,10 @@ import os
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 
-from .models.loading import resolve_dtype
+from .errors import CorruptFile, MissingFile, one_line
+from .models.loading import check_weights_folder, resolve_dtype
 
 
 def patchify(latents: torch.Tensor, p: int = 2) -> torch.Tensor:
@@ -71,18 +73,19 @@ class LensVAE:
         from diffusers import AutoencoderKLFlux2
 
         path = os.path.join(folder, subfolder) if subfolder else folder
+        if not os.path.isdir(path):
+            raise MissingFile(f"VAE folder {path} does not exist")
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"VAE folder {path} has no config.json")
-        if not any(n.endswith(".safetensors") for n in os.listdir(path)):
-            raise FileNotFoundError(f"VAE folder {path} has no .safetensors weights (lens_fast never unpickles)")
+            raise MissingFile(f"VAE folder {path} has no config.json")
+        check_weights_folder(path, "the VAE")
         kwargs = {"use_safetensors": True}
         dtype = resolve_dtype(torch_dtype)
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         try:
             vae = AutoencoderKLFlux2.from_pretrained(path, **kwargs)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot load the VAE from {path}: {e}") from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CorruptFile(f"cannot load the VAE from {path}: {one_line(e)}") from None
         return cls(vae.to(device).eval())
 
     # -- normalisation -----------------------------------------------------------------

@@ -40,8 +40,8 @@ def test_existing_output_is_not_overwritten(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--height", "40", "--width", "32"], "height=40 must be a positive multiple of 16"),
-    (["--base-resolution", "1024", "--aspect-ratio", "7:5"], "aspect_ratio='7:5' is not a bucket"),
+    (["--height", "40", "--width", "32"], "--height 40: expected a multiple of 16"),
+    (["--base-resolution", "1024", "--aspect-ratio", "7:5"], "argument --aspect-ratio: invalid choice: '7:5'"),
     (["--height", "32"], "--height and --width must be given together"),
 ])
 def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, capsys, extra, message):
@@ -52,8 +52,14 @@ def test_user_errors_exit_2_with_one_line(ckpt, tmp_path, capsys, extra, message
 
 
 def test_missing_model_folder_subprocess(tmp_path):
+    # The command re-runs itself with OMP_WAIT_POLICY=PASSIVE: libgomp, printing its settings
+    # (OMP_DISPLAY_ENV), shows the spin count at 0 in the re-run process (300000 before it).
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run([sys.executable, "-m", "lens_fast.cli", "generate", "--model", str(tmp_path / "nope"),
                            "--prompt", "x", "--out", str(tmp_path / "o.png")], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**env, "OMP_DISPLAY_ENV": "VERBOSE"})
+    assert "GOMP_SPINCOUNT = '0'" in proc.stderr
     assert proc.returncode == 2
-    assert "model_index.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lens-fast")]
+    assert errors == [f"lens-fast: error: --model {tmp_path / 'nope'} does not exist; expected a Lens checkpoint "
+                      "folder"] and "Traceback" not in proc.stderr

@@ -5,6 +5,7 @@ from datetime import datetime, timedelta
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lens_fast.testing import (TINY_HARMONY_CHAT_TEMPLATE, TINY_TEMPLATE_PREFIX_TOKENS, build_tiny_tokenizer,
                                make_tiny_gpt_oss, make_tiny_text_encoder_checkpoint)
@@ -269,9 +270,12 @@ def test_missing_folders_and_files_are_named(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config.json is missing"):
         LensTextEncoder.from_pretrained(tmp_path, LAYERS)
     (tmp_path / "text_encoder" / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"text_encoder holds no weights"):
+    with pytest.raises(FileNotFoundError, match=r"text_encoder \(the text encoder\) holds no weights"):
         LensTextEncoder.from_pretrained(tmp_path, LAYERS)
     (tmp_path / "text_encoder" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"corrupt safetensors file .*model.safetensors: .*header too small"):
+        LensTextEncoder.from_pretrained(tmp_path, LAYERS)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "text_encoder" / "model.safetensors"))
     with pytest.raises(FileNotFoundError, match=r"tokenizer holds neither tokenizer.json"):
         LensTextEncoder.from_pretrained(tmp_path, LAYERS)
     with pytest.raises(ValueError, match=r"\[6, 7\] outside \[0, 5\]"):

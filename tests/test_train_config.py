@@ -59,7 +59,7 @@ def test_bucket_geometry():
     ({"optim": {"lrr": 1}}, r"unknown key optim\.lrr"),
     ({"optimizer": {}}, "unknown section 'optimizer'"),
     ({"model": {"transformer": {"num_blocks": 2}}}, r"unknown model\.transformer key\(s\) \['num_blocks'\]"),
-    ({"optim": {"lr": -1.0}}, r"optim\.lr=-1\.0: expected a positive number"),
+    ({"optim": {"lr": -1.0}}, r"optim\.lr=-1\.0: expected a finite positive number"),
     ({"data": {"areas": [500]}}, r"data\.areas has 500: expected positive multiples of data\.multiple=16"),
     ({"data": {"areas": [256]}}, r"no batch size for area\(s\) \[256\]"),
     ({"parallel": {"activation_checkpointing": "some"}}, "activation_checkpointing='some'"),

@@ -1,15 +1,13 @@
 """Trainer data: WebDataset shards (skips, buckets, rank split, mid-epoch resume), the
 in-memory / cache source, and a Trainer run over a shard with corrupt samples."""
-import io
 import json
 import tarfile
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from lens_fast.testing import WordFeatures, captioned_sample, image_bytes, write_tar
 from lens_fast.train import (BucketData, BucketTable, EncodedSource, InMemorySource, PixelSpace, Trainer,
                              load_cache, load_config, save_cache)
 from lens_fast.train import webdata
@@ -19,49 +17,8 @@ from lens_fast.train.webdata import WebDatasetSource
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def image_bytes(w, h, seed, fmt="PNG"):
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def write_tar(path, samples, cut_last=None):
-    """samples: [(key, {ext: bytes})]; cut_last: keep this fraction of the archive."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    if cut_last is not None:
-        data = data[:cut_last]
-    path.write_bytes(data)
-    return str(path)
-
-
 def good(key, w=40, h=40, caption=None, seed=0):
-    return key, {"png": image_bytes(w, h, seed), "json": json.dumps({"caption": caption or key}).encode()}
-
-
-class WordFeatures:
-    """TEST-ONLY text-encoder stand-in: each word maps to fixed random vectors."""
-
-    def __init__(self, layers, dim):
-        self.table = torch.randn(layers, 256, dim, generator=torch.Generator().manual_seed(0))
-
-    def encode(self, captions, max_sequence_length, device):
-        ids = [[zlib.crc32(w.encode()) % 256 for w in c.split()][:max_sequence_length] or [0] for c in captions]
-        s = max(map(len, ids))
-        mask = torch.zeros(len(ids), s, dtype=torch.bool)
-        idx = torch.zeros(len(ids), s, dtype=torch.long)
-        for i, row in enumerate(ids):
-            mask[i, :len(row)] = True
-            idx[i, :len(row)] = torch.as_tensor(row)
-        return [t[idx] * mask[..., None] for t in self.table], mask
+    return captioned_sample(key, w, h, caption, seed)
 
 
 @pytest.fixture

@@ -183,7 +183,7 @@ def test_python_api_with_an_in_memory_source_and_a_given_model():
     assert {"loss", "grad_norm", "lr", "samples_per_s", "image_tokens_per_s", "tflops_per_gpu", "mfu",
             "peak_memory_gb", "skipped"} <= set(logs[-1])
     assert json.dumps(logs[-1])  # JSON-ready
-    with pytest.raises(ValueError, match="below the step already reached"):
+    with pytest.raises(ValueError, match="below the step this run already reached"):
         trainer.train(max_steps=2)
     with pytest.raises(ValueError, match="no out_dir"):
         trainer.save()

@@ -41,7 +41,20 @@ dropout) is drawn by the trainer from (seed, step, data_rank).
 Sources here: ``InMemorySource`` (tokens + features per bucket in memory, or a cache
 folder via ``load_cache``/``save_cache``), ``SyntheticSource`` (tiny-cpu, benchmarks),
 ``EncodedSource(WebDatasetSource(...), vae, text_encoder)`` (tar shards through the
-frozen encoders).
+frozen encoders). A source that cannot make progress raises
+``lens_fast.errors.NoUsableData`` instead of reading on forever.
+
+The run folder
+--------------
+One process per run folder: ``Trainer(out_dir=...)`` holds an OS lock on
+``DIR/.lock`` until ``close()`` (or the process ends, however it ends); a second
+process is refused with the holder's pid, host and start time. ``resume=True``
+continues from the latest complete checkpoint, removes the temporaries a killed run
+left, truncates ``metrics.jsonl`` to the checkpoint's step and records the resume (and
+every setting that changed) in ``run.json``. Checkpoints are safetensors (nothing is
+pickled); a failed write raises ``lens_fast.errors.StorageError`` and leaves the
+earlier checkpoints intact. ``lens_fast.train.run_dir`` holds these pieces for recipes
+that drive their own loop.
 """
 if __name__ != "lens_fast.train":  # the bare name, from a checkout's root: see lens_fast/_checkout.py
     import os as _os

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from lens_fast.errors import InvalidValue
 from lens_fast.pipeline import RESOLUTION_BUCKETS
 
 
@@ -22,9 +23,9 @@ def parse_ratio(ratio: str) -> float:
     try:
         w, h = (float(x) for x in str(ratio).split(":"))
     except ValueError:
-        raise ValueError(f"ratio {ratio!r}: expected W:H such as 16:9") from None
+        raise InvalidValue(f"ratio {ratio!r}: expected W:H such as 16:9") from None
     if w <= 0 or h <= 0:
-        raise ValueError(f"ratio {ratio!r}: both sides must be positive")
+        raise InvalidValue(f"ratio {ratio!r}: both sides must be positive")
     return w / h
 
 
@@ -63,7 +64,7 @@ class BucketTable:
         self.multiple = multiple
         missing = [a for a in self.areas if a not in batch_per_area]
         if missing:
-            raise ValueError(f"batch_per_area {dict(batch_per_area)} has no batch size for area(s) {missing}")
+            raise InvalidValue(f"batch_per_area {dict(batch_per_area)} has no batch size for area(s) {missing}")
         self.buckets: Dict[Tuple[int, str], Bucket] = {}
         for a in self.areas:
             for r in self.ratios:

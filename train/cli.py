@@ -8,7 +8,6 @@ CPU, or under ``torchrun`` on many GPUs and nodes.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -16,26 +15,29 @@ from typing import List, Optional
 
 import yaml
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+from lens_fast.cli_checks import OneLineParser, check_device, integer, number, quiet_loaders
+from lens_fast.errors import InvalidValue, run_cli
+
+PROG = "lens-fast train"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     from .config import REGISTRY
 
-    p = argparse.ArgumentParser(prog="lens-fast train", description="Train or fine-tune Lens.",
-                                allow_abbrev=False)
+    p = OneLineParser(prog=PROG, description="Train or fine-tune Lens.", allow_abbrev=False)
     p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
     p.add_argument("--out", help="run folder (default runs/<config name>); refused if it holds another "
                                  "run's files, unless --resume")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
-    p.add_argument("--max-steps", type=int, help="train until this step count (overrides train.max_steps)")
+    p.add_argument("--max-steps", type=integer(0, 10 ** 12),
+                   help="train until this step count (overrides train.max_steps)")
     p.add_argument("--data", action="append", help="WebDataset shards: paths, globs or {000..099} patterns "
                                                    "(repeatable; sets data.shards)")
     p.add_argument("--cache", help="a token cache folder (sets data.source=cache, data.path)")
     p.add_argument("--pretrained", help="official checkpoint folder to start from (sets model.pretrained; also "
                                         "the default VAE and text encoder)")
-    p.add_argument("--lr", type=float, help="learning rate (optim.lr)")
-    p.add_argument("--seed", type=int, help="seed (train.seed)")
+    p.add_argument("--lr", type=number(0, 10, lo_open=True), help="learning rate (optim.lr)")
+    p.add_argument("--seed", type=integer(0, 2 ** 31 - 1), help="seed (train.seed)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, value in YAML syntax (repeatable)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: this rank's GPU when there is one)")
@@ -49,7 +51,7 @@ def resolve_config(args):
     from .config import load_config
 
     if not args.config:
-        raise ValueError("--config is required: a registered config name or a YAML file")
+        raise InvalidValue("--config is required: a registered config name or a YAML file")
     cfg = load_config(args.config)
     sets = list(args.set)
     if args.max_steps is not None:
@@ -81,11 +83,14 @@ def run(argv: List[str]) -> int:
             print(f"{name:10s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     cfg = resolve_config(args)
+    check_device("--device", args.device)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     from .trainer import Trainer
 
+    if not cfg.logging.progress_bar:
+        quiet_loaders()
     out = args.out or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, out_dir=out, resume=args.resume, device=args.device)
     try:
@@ -101,14 +106,8 @@ def run(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``lens-fast train``: returns the exit status (2 for user errors)."""
+    """Entry point of ``lens-fast train``: returns the exit status (2 for user errors, 1 for bugs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lens_fast.train").setLevel(logging.INFO)
-    try:
-        return run(argv)
-    except SystemExit as e:  # argparse: --help (0) or a bad option (2)
-        return e.code if isinstance(e.code, int) else 2
-    except USER_ERRORS as e:
-        print(f"lens-fast train: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(PROG, run, argv)

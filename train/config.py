@@ -11,18 +11,20 @@ A YAML file either spells out sections or starts from a named config::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import yaml
 
+from lens_fast.errors import InvalidValue, MissingFile, one_line
 from lens_fast.models.config import LensTransformerConfig
 
 RATIOS = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValue):
     """A config key, value or file is wrong; the message says which and what was expected."""
 
 
@@ -73,6 +75,7 @@ class DataConfig:
     area_weights: Optional[List[float]] = None  # probability of each area per step (equal by default)
     multiple: int = 16  # bucket sides are multiples of this
     min_side: int = 64  # images with a shorter side are skipped (too small)
+    max_consecutive_skips: int = 1000  # this many skipped samples in a row: stop with an error (no progress)
     caption_keys: List[str] = field(default_factory=lambda: ["json:caption", "txt"])
     max_text_tokens: int = 512
     workers: int = 4  # decode threads per rank
@@ -165,8 +168,8 @@ class TrainConfig:
                 raise ConfigError(f"override {a!r}: expected section.key=value with one dot, e.g. optim.lr=1e-4")
             try:
                 parsed = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"override {a!r}: value is not valid YAML: {e}") from None
+            except (yaml.YAMLError, ValueError) as e:  # ValueError: a YAML date that does not exist
+                raise ConfigError(f"override {a!r}: value is not valid YAML: {one_line(e)}") from None
             if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
                 try:
                     parsed = float(parsed)
@@ -188,8 +191,12 @@ class TrainConfig:
             raise ConfigError(f"model.transformer: patch_size^2 * out_channels = {p * p * c_out} must equal "
                               f"in_channels = {t.get('in_channels')} (the velocity lives in the token space)")
         _positive(self.optim.lr, "optim.lr", strict=True)
-        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
-            raise ConfigError(f"optim.betas={self.optim.betas}: expected two numbers in [0, 1)")
+        betas = self.optim.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"optim.betas={betas}: expected two numbers in [0, 1)")
+        _positive(self.optim.eps, "optim.eps", strict=True)
+        _positive(self.optim.weight_decay, "optim.weight_decay")
         _positive(self.optim.warmup_steps, "optim.warmup_steps", integer=True)
         _positive(self.optim.decay_steps, "optim.decay_steps", integer=True)
         if self.optim.decay_steps > self.train.max_steps:
@@ -198,13 +205,22 @@ class TrainConfig:
         _positive(self.optim.grad_clip, "optim.grad_clip", strict=True)
         _positive(self.train.max_steps, "train.max_steps", integer=True)
         _positive(self.train.grad_accum, "train.grad_accum", strict=True, integer=True)
+        _positive(self.train.seed, "train.seed", integer=True)
         pts = self.loss.mu_points
-        if len(pts) != 2 or any(len(q) != 2 for q in pts) or pts[0][0] == pts[1][0]:
-            raise ConfigError(f"loss.mu_points={pts}: expected [[n1, mu1], [n2, mu2]] with n1 != n2")
+        shape_ok = isinstance(pts, (list, tuple)) and len(pts) == 2 and all(
+            isinstance(q, (list, tuple)) and len(q) == 2 for q in pts)
+        if not shape_ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for q in pts for v in q) or pts[0][0] == pts[1][0]:
+            raise ConfigError(f"loss.mu_points={pts}: expected [[n1, mu1], [n2, mu2]] of finite numbers, n1 != n2")
         _positive(self.loss.logit_std, "loss.logit_std", strict=True)
-        if not 0 <= self.loss.caption_dropout < 1:
+        if isinstance(self.loss.caption_dropout, bool) or not isinstance(self.loss.caption_dropout, (int, float)) \
+                or not 0 <= self.loss.caption_dropout < 1:
             raise ConfigError(f"loss.caption_dropout={self.loss.caption_dropout}: expected a probability in [0, 1)")
         self._validate_data()
+        if self.encoders.template_date is not None:
+            from lens_fast.text_encoder import validate_template_date
+
+            validate_template_date(self.encoders.template_date, source="encoders.template_date")
         if self.parallel.fsdp not in ("auto", True, False):
             raise ConfigError(f"parallel.fsdp={self.parallel.fsdp!r}: expected auto, true or false")
         for key in ("param_dtype", "reduce_dtype"):
@@ -215,7 +231,8 @@ class TrainConfig:
             raise ConfigError(f"parallel.activation_checkpointing={self.parallel.activation_checkpointing!r}: "
                               "expected none, full or selective")
         _positive(self.parallel.ac_every, "parallel.ac_every", strict=True, integer=True)
-        if not 0 <= self.ema.decay < 1:
+        if isinstance(self.ema.decay, bool) or not isinstance(self.ema.decay, (int, float)) \
+                or not 0 <= self.ema.decay < 1:
             raise ConfigError(f"ema.decay={self.ema.decay}: expected a number in [0, 1)")
         _positive(self.ema.every, "ema.every", strict=True, integer=True)
         _positive(self.checkpoint.every, "checkpoint.every", strict=True, integer=True)
@@ -225,6 +242,7 @@ class TrainConfig:
         _positive(self.logging.sample_every, "logging.sample_every", integer=True)
         _positive(self.logging.sample_count, "logging.sample_count", strict=True, integer=True)
         _positive(self.logging.sample_steps, "logging.sample_steps", strict=True, integer=True)
+        _finite(self.logging.sample_guidance, "logging.sample_guidance")
 
     def _validate_data(self) -> None:
         d = self.data
@@ -233,6 +251,10 @@ class TrainConfig:
         if isinstance(d.shards, str):
             d.shards = [d.shards]
         _positive(d.multiple, "data.multiple", strict=True, integer=True)
+        _positive(d.min_side, "data.min_side", integer=True)
+        _positive(d.max_consecutive_skips, "data.max_consecutive_skips", strict=True, integer=True)
+        _positive(d.max_text_tokens, "data.max_text_tokens", strict=True, integer=True)
+        _positive(d.workers, "data.workers", strict=True, integer=True)
         if not d.areas:
             raise ConfigError("data.areas is empty; expected at least one bucket base side, e.g. [512]")
         for a in d.areas:
@@ -244,8 +266,10 @@ class TrainConfig:
             raise ConfigError(f"data.batch_per_area={d.batch_per_area} has no batch size for area(s) {missing}")
         for a, b in d.batch_per_area.items():
             _positive(b, f"data.batch_per_area[{a}]", strict=True, integer=True)
-        if d.area_weights is not None and (len(d.area_weights) != len(d.areas) or min(d.area_weights) < 0
-                                           or sum(d.area_weights) <= 0):
+        if d.area_weights is not None and (
+                not isinstance(d.area_weights, (list, tuple)) or len(d.area_weights) != len(d.areas)
+                or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in d.area_weights)
+                or sum(d.area_weights) <= 0):
             raise ConfigError(f"data.area_weights={d.area_weights}: expected {len(d.areas)} non-negative weights "
                               "(one per area) with a positive sum")
         from .buckets import parse_ratio
@@ -258,9 +282,15 @@ class TrainConfig:
 
 def _positive(v, name, strict=False, integer=False):
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type or v < 0 or (strict and v == 0):
+    if isinstance(v, bool) or not ok_type or not math.isfinite(v) or v < 0 or (strict and v == 0):
         kind = "integer" if integer else "number"
-        raise ConfigError(f"{name}={v!r}: expected a {'positive' if strict else 'non-negative'} {kind}")
+        raise ConfigError(f"{name}={v!r}: expected a {'' if integer else 'finite '}"
+                          f"{'positive' if strict else 'non-negative'} {kind}")
+
+
+def _finite(v, name):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{name}={v!r}: expected a finite number")
 
 
 def apply_dict(cfg: TrainConfig, data: Dict[str, Any], source: str) -> None:
@@ -363,12 +393,12 @@ def load_config(name_or_file: str) -> TrainConfig:
         raise ConfigError(f"config {name_or_file!r} is neither a registered config {sorted(REGISTRY)} "
                           "nor a .yaml/.yml file")
     if not os.path.isfile(name_or_file):
-        raise FileNotFoundError(f"config file {name_or_file} does not exist")
+        raise MissingFile(f"config file {name_or_file} does not exist")
     with open(name_or_file, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{name_or_file} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, ValueError) as e:
+            raise ConfigError(f"{name_or_file} is not valid YAML: {one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{name_or_file}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -7,13 +7,18 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lens_fast.errors import CorruptFile, InvalidValue, MissingFile, OutputExists, one_line
+from lens_fast.models.config import read_json
+from lens_fast.models.loading import check_safetensors
 from lens_fast.vae import from_tokens, patchify, to_tokens, unpatchify
 
 from .buckets import BucketTable, step_rng
@@ -60,18 +65,18 @@ class PixelSpace:
 
     def __init__(self, patch: int):
         if not isinstance(patch, int) or patch <= 0:
-            raise ValueError(f"pixel patch={patch!r}: expected a positive integer")
+            raise InvalidValue(f"pixel patch={patch!r}: expected a positive integer")
         self.patch = self.spatial_factor = patch
         self.token_channels = 3 * patch * patch
 
     def latent_grid(self, height: int, width: int) -> Grid:
         if height % self.patch or width % self.patch:
-            raise ValueError(f"image {height}x{width} is not divisible by the pixel patch {self.patch}")
+            raise InvalidValue(f"image {height}x{width} is not divisible by the pixel patch {self.patch}")
         return height // self.patch, width // self.patch
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+            raise InvalidValue(f"images must be [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
         self.latent_grid(images.shape[2], images.shape[3])
         return to_tokens(patchify(images.float(), self.patch))
 
@@ -93,15 +98,15 @@ class BucketData:
     def __post_init__(self):
         m = self.latents.shape[0]
         if self.latents.dim() != 3 or m == 0:
-            raise ValueError(f"latents must be a non-empty [M, N, C] tensor, got {tuple(self.latents.shape)}")
+            raise InvalidValue(f"latents must be a non-empty [M, N, C] tensor, got {tuple(self.latents.shape)}")
         for i, t in enumerate(self.text):
             if t.dim() != 3 or t.shape[:2] != self.text_mask.shape:
-                raise ValueError(f"text[{i}] has shape {tuple(t.shape)}; expected [M, S, E] with [M, S] = "
+                raise InvalidValue(f"text[{i}] has shape {tuple(t.shape)}; expected [M, S, E] with [M, S] = "
                                  f"{tuple(self.text_mask.shape)} (the mask's shape)")
         if self.text_mask.shape[0] != m:
-            raise ValueError(f"text_mask has {self.text_mask.shape[0]} rows for {m} latents")
+            raise InvalidValue(f"text_mask has {self.text_mask.shape[0]} rows for {m} latents")
         if self.captions is not None and len(self.captions) != m:
-            raise ValueError(f"{len(self.captions)} captions for {m} latents")
+            raise InvalidValue(f"{len(self.captions)} captions for {m} latents")
         self.text_mask = self.text_mask.bool()
 
 
@@ -118,23 +123,23 @@ class InMemorySource:
     def __init__(self, buckets: Dict[Grid, BucketData], batch_size: Union[int, Dict[Grid, int]], seed: int = 0,
                  bucket_weights: Optional[Dict[Grid, float]] = None):
         if not buckets:
-            raise ValueError("InMemorySource needs at least one bucket")
+            raise InvalidValue("InMemorySource needs at least one bucket")
         self.grids = sorted(buckets)
         for g in self.grids:
             n = buckets[g].latents.shape[1]
             if len(g) != 2 or g[0] * g[1] != n:
-                raise ValueError(f"bucket {g} holds {n} tokens per sample; expected h * w = {g[0] * g[1]}")
+                raise InvalidValue(f"bucket {g} holds {n} tokens per sample; expected h * w = {g[0] * g[1]}")
         self.buckets = buckets
         if isinstance(batch_size, int):
             batch_size = {g: batch_size for g in self.grids}
         missing = [g for g in self.grids if g not in batch_size]
         if missing or any(int(v) <= 0 for v in batch_size.values()):
-            raise ValueError(f"batch_size {batch_size} must give a positive size for every bucket {self.grids}")
+            raise InvalidValue(f"batch_size {batch_size} must give a positive size for every bucket {self.grids}")
         self.batch_size = {g: int(batch_size[g]) for g in self.grids}
         w = np.array([float((bucket_weights or {}).get(g, buckets[g].latents.shape[0] if bucket_weights is None
                                                       else 0.0)) for g in self.grids])
         if w.min() < 0 or w.sum() <= 0:
-            raise ValueError(f"bucket_weights {bucket_weights} must be non-negative with a positive sum")
+            raise InvalidValue(f"bucket_weights {bucket_weights} must be non-negative with a positive sum")
         self.weights = w / w.sum()
         self.seed = int(seed)
         self.data_world: Optional[int] = None
@@ -143,7 +148,7 @@ class InMemorySource:
     def _indices(self, g: Grid, data_rank: int, data_world: int, n: int) -> List[int]:
         m = self.buckets[g].latents.shape[0]
         if m < data_world:
-            raise ValueError(f"bucket {g} has {m} samples, fewer than the {data_world} data ranks")
+            raise InvalidValue(f"bucket {g} has {m} samples, fewer than the {data_world} data ranks")
         key = f"{g[0]}x{g[1]}"
         epoch, cursor = self.pos.setdefault(str(data_rank), {}).get(key, [0, 0])
         out = []
@@ -159,7 +164,7 @@ class InMemorySource:
 
     def batch(self, step: int, data_rank: int, data_world: int) -> Batch:
         if self.data_world not in (None, data_world):
-            raise ValueError(f"this source's position was made with {self.data_world} data ranks, not {data_world}")
+            raise InvalidValue(f"this source's position was made with {self.data_world} data ranks, not {data_world}")
         self.data_world = data_world
         g = self.grids[int(step_rng(self.seed, step, data_rank, 1).choice(len(self.grids), p=self.weights))]
         idx = self._indices(g, data_rank, data_world, self.batch_size[g])
@@ -193,7 +198,7 @@ def save_cache(folder: str, buckets: Dict[Grid, BucketData]) -> None:
     """Write buckets as ``<h>x<w>.safetensors`` (+ captions in ``index.json``) into a
     new folder (refused if it exists), atomically."""
     if os.path.exists(folder):
-        raise FileExistsError(f"cache folder {folder} already exists; choose a new path")
+        raise OutputExists(f"cache folder {folder} already exists; choose a new path")
     tmp = folder.rstrip("/") + f".tmp-{os.getpid()}"
     os.makedirs(tmp)
     index = {}
@@ -207,18 +212,38 @@ def save_cache(folder: str, buckets: Dict[Grid, BucketData]) -> None:
     os.rename(tmp, folder)
 
 
-def load_cache(folder: str) -> Dict[Grid, BucketData]:
+def check_cache(folder: str) -> Dict[str, dict]:
+    """A token cache's index (checked: every bucket named ``HxW`` with its safetensors
+    file readable), or a one-line error naming the bad file."""
     path = os.path.join(folder, "index.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} is not a token cache: index.json is missing (write one with save_cache)")
-    with open(path, encoding="utf-8") as f:
-        index = json.load(f)
+        raise MissingFile(f"{folder} is not a token cache: index.json is missing (write one with save_cache)")
+    index = read_json(path)
+    if not isinstance(index, dict) or not index:
+        raise CorruptFile(f"{path} must map bucket names (HxW) to their entries; it holds no bucket")
+    for key, meta in index.items():
+        if not re.fullmatch(r"\d+x\d+", str(key)) or not isinstance(meta, dict) or \
+                not isinstance(meta.get("layers"), int):
+            raise CorruptFile(f"{path}: entry {key!r} is not 'HxW': {{layers: N, captions: [...]}}")
+        file = os.path.join(folder, f"{key}.safetensors")
+        if not os.path.isfile(file):
+            raise MissingFile(f"{path} names bucket {key}, but {file} is missing")
+        check_safetensors(file)
+    return index
+
+
+def load_cache(folder: str) -> Dict[Grid, BucketData]:
+    index = check_cache(folder)
     out = {}
     for key, meta in index.items():
         h, w = (int(v) for v in key.split("x"))
-        t = load_file(os.path.join(folder, f"{key}.safetensors"))
-        out[(h, w)] = BucketData(t["latents"], [t[f"text.{k}"] for k in range(meta["layers"])], t["text_mask"],
-                                 meta.get("captions"))
+        file = os.path.join(folder, f"{key}.safetensors")
+        try:
+            t = load_file(file)
+            layers = [t[f"text.{k}"] for k in range(meta["layers"])]
+            out[(h, w)] = BucketData(t["latents"], layers, t["text_mask"], meta.get("captions"))
+        except (SafetensorError, KeyError, ValueError) as e:
+            raise CorruptFile(f"token cache file {file} cannot be used: {one_line(e)}") from None
     return out
 
 
@@ -236,7 +261,7 @@ class SyntheticSource:
     def __init__(self, table: BucketTable, pixel: PixelSpace, num_text_layers: int, enc_dim: int,
                  text_len: int = 8, seed: int = 0):
         if text_len < 3:
-            raise ValueError(f"text_len={text_len}: the synthetic source needs at least 3 text tokens")
+            raise InvalidValue(f"text_len={text_len}: the synthetic source needs at least 3 text tokens")
         for b in table.all():
             pixel.latent_grid(b.height, b.width)
         self.table, self.pixel, self.text_len, self.seed = table, pixel, text_len, int(seed)

@@ -11,6 +11,7 @@ from typing import Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
+from lens_fast.errors import storage_error
 from lens_fast.flops import peak_bf16_tflops, train_step_flops
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                # purge_step: a resumed run drops the events logged after its checkpoint
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=initial or None)
             except Exception as e:  # noqa: BLE001 - tensorboard is optional
                 log.info("TensorBoard logging off: %s", e)
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
@@ -84,8 +86,11 @@ class MetricsLogger:
 
     def event(self, record: dict) -> None:
         if self.path:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise storage_error(f"cannot append to {self.path}", e) from None
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
+from lens_fast.errors import InvalidValue
 from lens_fast.models.loading import find_weight_files, resolve_dtype
 from lens_fast.models.transformer import LensTransformer2DModel
 
@@ -73,6 +74,18 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def all_ranks_ok(ok: bool, world: int) -> bool:
+    """Whether every rank reports ``ok`` (collective; without a process group, this rank
+    alone). Used where one rank may fail, so that no rank is left waiting."""
+    if world > 1 and dist.is_initialized():
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return ok
+
+
 # -- initialisation -------------------------------------------------------------------
 def init_rule(name: str, shape, seed: int) -> torch.Tensor:
     """The initial value of one parameter, fixed by (seed, name): adaLN-Zero as DiT
@@ -111,10 +124,10 @@ def pretrained_values(folder: str):
 
     def value(name, shape):
         if name not in where:
-            raise ValueError(f"{folder} has no weight {name}; it does not match the configured model")
+            raise InvalidValue(f"{folder} has no weight {name}; it does not match the configured model")
         found = tuple(where[name].get_slice(name).get_shape())
         if found != tuple(shape):
-            raise ValueError(f"{folder}: {name} has shape {found}, the model expects {tuple(shape)}")
+            raise InvalidValue(f"{folder}: {name} has shape {found}, the model expects {tuple(shape)}")
         return where[name].get_tensor(name).float()
     return value
 

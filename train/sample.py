@@ -3,13 +3,13 @@ sigmas, norm-rescaled CFG with the empty caption as zero features + all-False ma
 on token latents, and PNG grids of reference vs sample."""
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
+from lens_fast.atomic import save_image
 from lens_fast.pipeline import LensPipeline
 
 
@@ -45,8 +45,4 @@ def save_grid(path: str, rows: List[torch.Tensor], pad: int = 2) -> str:
         for j in range(b):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = arr[j]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + f".tmp-{os.getpid()}.png"
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_image(Image.fromarray(canvas), path, "PNG")

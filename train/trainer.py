@@ -20,17 +20,21 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from lens_fast.atomic import write_text
+from lens_fast.errors import InvalidValue, RunFolderBusy, StorageError, UserError
 from lens_fast.models.config import LensTransformerConfig
 from lens_fast.models.transformer import LensTransformer2DModel
 
 from . import checkpoint as ckpt
-from .builders import build_data_source, check_run_dir, init_run_dir, pretrained_folder
+from .builders import build_data_source, check_inputs, pretrained_folder
 from .config import TrainConfig
 from .data import Batch, PixelSpace
 from .loss import flow_matching_loss
 from .metrics import MetricsLogger, Throughput, device_name, peak_memory_gb
-from .parallel import (EMA, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier, clip_grad_norm,
-                       dtype_of, full_tensor, init_distributed, init_rule, materialize, pretrained_values)
+from .parallel import (EMA, all_ranks_ok, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier,
+                       clip_grad_norm, dtype_of, full_tensor, init_distributed, init_rule, materialize,
+                       pretrained_values)
+from .run_dir import RunLock, open_run_dir, tidy_for_resume
 from .sample import sample_tokens, save_grid
 
 log = logging.getLogger(__name__)
@@ -71,8 +75,11 @@ class Trainer:
     ``config.model`` (meta device, sharded, initialised per parameter, or loaded from
     ``model.pretrained``). ``data``: a DataSource (see ``lens_fast.train``), by default
     built from ``config.data``. ``out_dir``: the run folder for checkpoints, metrics,
-    samples and the export (None: nothing is written). ``decoder``: turns tokens into
-    images for sample grids (LensVAE or PixelSpace; default from the config)."""
+    samples and the export (None: nothing is written), locked by this trainer until
+    ``close()`` (also a context manager). ``resume``: continue from its latest complete
+    checkpoint (``lens_fast.train.run_dir``). ``decoder``: turns tokens into images for
+    sample grids (LensVAE or PixelSpace; default from the config). Every input the
+    config names is checked before anything loads."""
 
     def __init__(self, config: TrainConfig, model: Optional[LensTransformer2DModel] = None, data=None,
                  out_dir: Optional[str] = None, resume: bool = False, callbacks: Sequence[Callback] = (),
@@ -88,14 +95,16 @@ class Trainer:
         try:
             self._setup(model, data, out_dir, resume, callbacks, decoder)
         except BaseException:
-            if self.dist.owns_group and dist.is_initialized():
-                dist.destroy_process_group()
+            self.close()
             raise
 
     def _setup(self, model, data, out_dir, resume, callbacks, decoder) -> None:
         cfg = self.cfg
+        self.run_lock: Optional[RunLock] = None
+        self._removed: List[str] = []  # stale temporaries removed when the run folder was opened
+        check_inputs(cfg, model_given=model is not None, data_given=data is not None)
         if self.dist.world > 1 and not self.fsdp:
-            raise ValueError(f"parallel.fsdp=false with {self.dist.world} ranks: data parallelism here is FSDP; "
+            raise InvalidValue(f"parallel.fsdp=false with {self.dist.world} ranks: data parallelism here is FSDP; "
                              "set parallel.fsdp to auto or true")
         self.accum = cfg.train.grad_accum
         self.data_world = self.dist.world * self.accum
@@ -112,12 +121,7 @@ class Trainer:
         else:
             self.model_config = dict(LensTransformerConfig.from_dict(cfg.model.transformer))
         self.run_dir = os.path.abspath(out_dir) if out_dir else None
-        if self.run_dir:
-            fresh = check_run_dir(self.run_dir, resume, self.model_config)
-            barrier(self.dist)
-            if fresh and self.dist.is_main:
-                init_run_dir(self.run_dir, cfg, self.model_config, self.dist.world)
-            barrier(self.dist)
+        fresh = self._open_run_dir(resume) if self.run_dir else True
 
         self.model = self._build_model(model, folder)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -138,9 +142,41 @@ class Trainer:
         self._norms: List[torch.Tensor] = []
         self.throughput = Throughput(self.model_config, self.device)
         if resume and self.run_dir:
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            if latest is not None:
-                self.load(latest[1])
+            self._resume(fresh)
+
+    def _open_run_dir(self, resume: bool) -> bool:
+        """Lock and check the run folder on the main rank; every rank fails if it fails.
+        Returns whether the run is new."""
+        error, fresh = None, True
+        if self.dist.is_main:
+            try:
+                self.run_lock, fresh, self._removed = open_run_dir(self.run_dir, resume, self.cfg,
+                                                                   self.model_config, self.dist.world)
+            except UserError as e:
+                error = e
+        if not all_ranks_ok(error is None, self.dist.world):
+            raise error or RunFolderBusy(f"rank 0 could not open the run folder {self.run_dir} (see its error)")
+        return fresh
+
+    def _resume(self, fresh: bool) -> None:
+        """Continue from the latest complete checkpoint (if any); the main rank tidies the
+        folder (stale temporaries, metrics after the checkpoint) and records the resume."""
+        if fresh:
+            if self.dist.is_main:
+                log.warning("--resume: %s holds no run yet; starting a new run there", self.run_dir)
+            return
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None and self.dist.is_main:
+            log.warning("--resume: %s has no complete checkpoint (the run stopped before its first one); "
+                        "starting from step 0", self.run_dir)
+        elif latest is not None:
+            self.load(latest[1])
+            if self.dist.is_main:
+                log.info("resumed %s from %s (step %d)", self.run_dir, latest[1], self.step)
+        if self.dist.is_main:
+            tidy_for_resume(self.run_dir, self.step, latest and latest[1], self.cfg, self.dist.world,
+                            self._removed)
+        barrier(self.dist)
 
     # -- construction -----------------------------------------------------------------------
     def _build_model(self, model, folder):
@@ -214,7 +250,8 @@ class Trainer:
     def train(self, max_steps: Optional[int] = None) -> TrainResult:
         target = self.cfg.train.max_steps if max_steps is None else int(max_steps)
         if target < self.step:
-            raise ValueError(f"max_steps={target} is below the step already reached ({self.step})")
+            raise InvalidValue(f"max_steps={target} (--max-steps, train.max_steps) is below the step this run "
+                               f"already reached ({self.step}); ask for more steps")
         lg = self.cfg.logging
         self.logger = MetricsLogger(self.run_dir, self.dist.is_main, lg.tensorboard, lg.progress_bar, target,
                                     self.step)
@@ -235,8 +272,10 @@ class Trainer:
                     totals += [record["samples"], record["image_tokens"], record["flops"]]
                 self.maybe_checkpoint(final=self.step == target)
                 self.maybe_sample()
-            if self.run_dir and self.step > result.step:
-                self.export()
+            resumed_unexported = (self.run_dir and self.step == target > 0
+                                  and ckpt.exported_step(self.run_dir) != self.step)
+            if self.run_dir and (self.step > result.step or resumed_unexported):
+                self.export()  # also when a run killed while exporting resumes at its last step
         finally:
             self.logger.close()
         result.step = self.step
@@ -276,15 +315,17 @@ class Trainer:
         self._pending, self._norms = [], []
         tp.reset()
         result.records.append(record)
-        self.logger.log(record)
+        self._write_guarded(self.logger.log, record)
         for cb in self.callbacks:
             cb.on_log(self, record)
         return record
 
     # -- checkpoints ------------------------------------------------------------------------
     def _app_state(self) -> Dict:
+        # Tensors only (safetensors): the optimizer's moments, not its hyper-parameters,
+        # which a resumed run takes from its config.
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(self.step)}
+        state = {"model": model_sd, "optim": {"state": optim_sd["state"]}, "step": torch.tensor(self.step)}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state, model_sd, optim_sd
@@ -293,13 +334,27 @@ class Trainer:
         return {"step": self.step, "rng": ckpt.rng_state(), "data": self.data.state_dict(),
                 "skipped_total": self.skipped_total, "data_world": self.data_world, "rank": self.dist.rank}
 
+    def _write_guarded(self, write, *args) -> None:
+        """Run a main-rank write after checking the run folder is still this run's; a
+        failure (disk full, the folder removed) stops every rank, never one alone."""
+        error = None
+        try:
+            if self.run_lock is not None:
+                self.run_lock.check()
+            write(*args)
+        except StorageError as e:
+            error = e
+        if not all_ranks_ok(error is None, self.dist.world):
+            raise error or StorageError(f"rank 0 stopped writing into {self.run_dir} (see its error)")
+
     def save(self) -> Optional[str]:
         """Checkpoint the run now (collective)."""
         if not self.run_dir:
-            raise ValueError("this Trainer has no out_dir to checkpoint into")
+            raise InvalidValue("this Trainer has no out_dir to checkpoint into")
+        self._write_guarded(lambda: None)
         state, _, _ = self._app_state()
         path = ckpt.save_checkpoint(self.run_dir, self.step, state, self.rank_state(), self.dist.rank,
-                                    self.dist.world, lambda: barrier(self.dist), self.cfg.checkpoint.keep_last)
+                                    self.dist.world, self.cfg.checkpoint.keep_last)
         if path:
             for cb in self.callbacks:
                 cb.on_checkpoint(self, path)
@@ -314,10 +369,11 @@ class Trainer:
         # Parameters that never get a gradient (the last block's text-stream outputs are
         # discarded, as in the reference) have no optimizer state in the checkpoint.
         saved = ckpt.saved_keys(path)
-        optim_sd["state"] = {k: v for k, v in optim_sd["state"].items() if f"optim.state.{k}.exp_avg" in saved}
+        optim_sd["state"] = state["optim"]["state"] = {k: v for k, v in optim_sd["state"].items()
+                                                       if f"optim.state.{k}.exp_avg" in saved}
         rank_state = ckpt.load_checkpoint(path, state, self.dist.rank)
         if rank_state.get("data_world") != self.data_world:
-            raise ValueError(f"{path} was written with {rank_state.get('data_world')} data ranks (ranks x "
+            raise InvalidValue(f"{path} was written with {rank_state.get('data_world')} data ranks (ranks x "
                              f"grad_accum); this run has {self.data_world}: the data positions do not carry over")
         set_model_state_dict(self.model, model_sd)
         set_optimizer_state_dict(self.model, self.optimizer, optim_sd, options=StateDictOptions(strict=False))
@@ -325,9 +381,6 @@ class Trainer:
         self.skipped_total = int(rank_state.get("skipped_total", 0))
         ckpt.set_rng_state(rank_state["rng"])
         self.data.load_state_dict(rank_state["data"])
-        if self.run_dir and self.dist.is_main:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"event": "resume", "step": self.step, "checkpoint": path}) + "\n")
 
     # -- EMA, export, samples ---------------------------------------------------------------
     def _reshard_all(self) -> None:
@@ -374,6 +427,8 @@ class Trainer:
         folder = folder or os.path.join(self.run_dir, "export", "transformer")
         if self.dist.is_main:
             ckpt.export_transformer(folder, self.model_config, sd, overwrite=own)
+            if own:
+                ckpt.mark_exported(self.run_dir, self.step)
         barrier(self.dist)
         return folder
 
@@ -404,12 +459,21 @@ class Trainer:
             rows = [self.decoder.decode(p.latents.to(self.device), h, w), self.decoder.decode(tokens, h, w)]
         path = save_grid(os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"), rows)
         if p.captions:
-            with open(path[:-4] + ".txt", "w", encoding="utf-8") as fh:
-                fh.write("\n".join(p.captions) + "\n")
+            write_text(path[:-4] + ".txt", "\n".join(p.captions) + "\n")
         return path
 
     def close(self) -> None:
-        if hasattr(self.data, "close"):
+        """Stop the data workers, release the run folder and the process group."""
+        if hasattr(self, "data") and hasattr(self.data, "close"):
             self.data.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
         if self.dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

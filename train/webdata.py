@@ -13,9 +13,13 @@ batch for that area, reading samples (header-parsed only, bytes kept) into the b
 their nearest ratio until one does. Images are decoded only when batched: on the GPU
 with nvidia-dali when installed (``decoder="dali"`` also runs DALI's CPU backend), else
 PIL in a thread pool, resized to cover the bucket
-and centre-cropped. Corrupt, truncated or caption-less samples and images whose short
-side is below ``min_side`` are skipped and counted, never fatal. The saved position is
-the stream's (epoch, shard, offset) plus the (shard, offset) of every buffered sample.
+and centre-cropped. Corrupt, truncated or caption-less samples, unreadable shards and
+images whose short side is below ``min_side`` are skipped and counted. A source that
+cannot make progress stops with ``NoUsableData`` naming the shards and what was
+skipped, instead of reading on forever: after ``max_consecutive_skips`` skipped samples
+in a row, or a whole pass over a rank's shards without a usable sample. The saved
+position is the stream's (epoch, shard, offset) plus the (shard, offset) of every
+buffered sample.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lens_fast.errors import InvalidValue, MissingFile, NoUsableData, one_line
 from lens_fast.ops.optional import has_dali
 
 from .buckets import BucketTable, step_rng
@@ -60,14 +65,19 @@ def expand_shards(patterns: List[str]) -> List[str]:
                 a, b = m.group(1), m.group(2)
                 nxt += [p[:m.start()] + str(i).zfill(len(a)) + p[m.end():] for i in range(int(a), int(b) + 1)]
             parts = nxt
+        missing, unreadable = [], []
         for p in parts:
             hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
-            missing = [h for h in hits if not os.path.isfile(h)]
-            if missing or not hits:
-                raise FileNotFoundError(f"data shard(s) {missing or [p]} from pattern {pat!r} do not exist")
+            missing += [h for h in hits if not os.path.isfile(h)] or ([] if hits else [p])
+            unreadable += [h for h in hits if os.path.isfile(h) and not os.access(h, os.R_OK)]
             out += hits
+        for bad, what in ((missing, "do not exist"), (unreadable, "are not readable (permission denied)")):
+            if bad:
+                shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                error = MissingFile if bad is missing else InvalidValue
+                raise error(f"{len(bad)} data shard(s) from pattern {pat!r} {what}: {shown}")
     if not out:
-        raise ValueError("data.shards is empty; expected tar files, globs or {000..099} patterns")
+        raise InvalidValue("data.shards is empty; expected tar files, globs or {000..099} patterns")
     return sorted(set(out))
 
 
@@ -187,6 +197,9 @@ class _RankStream:
         self.pending: Dict[str, Deque[Pending]] = {r: deque() for r in src.table.ratios}
         self.skips: Counter = Counter()  # since the start of training
         self.new_skips: Counter = Counter()  # while producing the current batch
+        self.skips_in_a_row = 0  # samples skipped while reading since the last one that parsed
+        self.failed_decodes_in_a_row = 0  # parsed samples whose image did not decode, since the last that did
+        self.shards_without_usable = 0  # shards finished since the last sample that parsed
         self._iter = None
 
     # -- shard order ---------------------------------------------------------------------
@@ -195,9 +208,45 @@ class _RankStream:
         perm = np.random.default_rng([self.src.seed, self.epoch, 11]).permutation(n).tolist()
         return perm[self.rank::self.world] if n >= self.world else perm
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, at_decode: bool = False) -> None:
         self.skips[reason] += 1
         self.new_skips[reason] += 1
+        if at_decode:
+            self.failed_decodes_in_a_row += 1
+        else:
+            self.skips_in_a_row += 1
+        run = max(self.skips_in_a_row, self.failed_decodes_in_a_row)
+        if run >= self.src.max_consecutive_skips:
+            raise self._stuck(f"the last {run} samples it read were all skipped")
+
+    def decoded(self, ok: bool) -> None:
+        """A buffered sample's image decoded (into a batch) or did not (skipped)."""
+        if ok:
+            self.failed_decodes_in_a_row = 0
+        else:
+            self._skip("corrupt", at_decode=True)
+
+    def _stuck(self, what: str) -> NoUsableData:
+        names = [os.path.basename(self.src.shards[i]) for i in self._order()]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skips.items())) or "none"
+        return NoUsableData(f"data rank {self.rank} cannot make progress: {what} (shards {shown}; skipped so far: "
+                            f"{skipped}); check the shards, data.caption_keys {self.src.caption_keys} and "
+                            f"data.min_side {self.src.min_side}")
+
+    def _end_shard(self) -> None:
+        self.cursor, self.offset, self._iter = self.cursor + 1, 0, None
+        self.shards_without_usable += 1
+        if self.shards_without_usable > len(self._order()):
+            raise self._stuck(f"a whole pass over its {len(self._order())} shard(s) gave no usable sample")
+
+    def _next_item(self, shard: int):
+        try:
+            return next(self._iter, None)
+        except OSError as e:  # removed or made unreadable after the start
+            log.warning("data shard %s cannot be read (%s); skipping it", self.src.shards[shard], one_line(e))
+            self._skip("unreadable_shard")
+            return ("", None, self.offset, -1)
 
     def pull(self) -> None:
         """Read one more sample into its ratio buffer (or count it as skipped)."""
@@ -210,9 +259,9 @@ class _RankStream:
             shard = order[self.cursor]
             if self._iter is None:
                 self._iter = read_samples(self.src.shards[shard], self.offset)
-            item = next(self._iter, None)
+            item = self._next_item(shard)
             if item is None or item[1] is None or item[3] == -1:
-                self.cursor, self.offset, self._iter = self.cursor + 1, 0, None
+                self._end_shard()
                 if item is None:
                     continue
                 if item[1] is None:
@@ -228,6 +277,7 @@ class _RankStream:
             if isinstance(sample, str):
                 self._skip(sample)
                 continue
+            self.shards_without_usable = self.skips_in_a_row = 0
             self.pending[sample[0]].append(sample[1])
             return
 
@@ -251,9 +301,12 @@ class WebDatasetSource:
 
     def __init__(self, shards: List[str], table: BucketTable, seed: int = 0, min_side: int = 64,
                  caption_keys=("json:caption", "txt"), workers: int = 4, prefetch: bool = True,
-                 decoder: str = "auto", device: Optional[torch.device] = None):
+                 decoder: str = "auto", device: Optional[torch.device] = None, max_consecutive_skips: int = 1000):
         if decoder not in ("auto", "pil", "dali"):
-            raise ValueError(f"decoder={decoder!r}: expected auto, pil or dali")
+            raise InvalidValue(f"decoder={decoder!r}: expected auto, pil or dali")
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise InvalidValue(f"max_consecutive_skips={max_consecutive_skips!r}: expected an integer >= 1")
+        self.max_consecutive_skips = max_consecutive_skips
         self.shards = expand_shards(list(shards))
         self.table, self.seed, self.min_side = table, int(seed), int(min_side)
         self.caption_keys = list(caption_keys)
@@ -266,7 +319,7 @@ class WebDatasetSource:
         cuda = device is not None and torch.device(device).type == "cuda"
         if decoder == "dali" or (decoder == "auto" and cuda and has_dali()):
             if not has_dali():
-                raise ValueError("decoder='dali' needs nvidia-dali installed (pip install -e '.[dali]')")
+                raise InvalidValue("decoder='dali' needs nvidia-dali installed (pip install -e '.[dali]')")
             self.dali = DaliDecoder(max(b.batch for b in table.all()),
                                     (torch.device(device).index or 0) if cuda else None)
         self.dali_required = decoder == "dali"
@@ -332,9 +385,8 @@ class WebDatasetSource:
                 stream.pull()
             take = [stream.pending[ratio].popleft() for _ in range(b - len(images))]
             for p, img in zip(take, self._decode(take, bucket.height, bucket.width)):
-                if img is None:
-                    stream._skip("corrupt")
-                else:
+                stream.decoded(img is not None)
+                if img is not None:
                     images.append(img)
                     captions.append(p.caption)
         skips = dict(stream.new_skips)
@@ -377,7 +429,7 @@ class WebDatasetSource:
             if len(images) == n:
                 break
         if not images:
-            raise ValueError(f"no decodable sample in {self.shards[0]} for a preview")
+            raise InvalidValue(f"no decodable sample in {self.shards[0]} for a preview")
         return RawBatch(torch.stack(images), captions)
 
     def _drain(self) -> None:
@@ -398,7 +450,7 @@ class WebDatasetSource:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("shards") not in (None, len(self.shards)):
-            raise ValueError(f"the saved data position is for {state['shards']} shards; data.shards now "
+            raise InvalidValue(f"the saved data position is for {state['shards']} shards; data.shards now "
                              f"expands to {len(self.shards)}")
         self._drain()
         self.streams, self._consumed = {}, {}

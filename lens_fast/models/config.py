@@ -5,14 +5,18 @@ import json
 import os
 from typing import Any, Dict
 
+from ..errors import CorruptFile, InvalidValue, MissingFile
+
 
 def read_json(path: str):
-    """A JSON file's content, or a ValueError naming the file when it is not valid JSON."""
-    with open(path, encoding="utf-8") as f:
-        try:
+    """A JSON file's content, or a CorruptFile naming the file when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFile(f"{path} is not valid JSON: {e}") from None
+    except IsADirectoryError:
+        raise CorruptFile(f"{path} is a folder; expected a JSON file") from None
 
 
 class Config(dict):
@@ -31,7 +35,7 @@ class Config(dict):
     def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
         unknown = sorted(k for k in data if not k.startswith("_") and k not in cls.defaults)
         if unknown:
-            raise ValueError(f"{source}: unknown config key(s) {unknown}; expected keys from "
+            raise InvalidValue(f"{source}: unknown config key(s) {unknown}; expected keys from "
                              f"{sorted(cls.defaults)}")
         cfg = cls(**{**cls.defaults, **{k: v for k, v in data.items() if not k.startswith("_")}})
         cfg.validate()
@@ -40,10 +44,10 @@ class Config(dict):
     @classmethod
     def from_json_file(cls, path: str) -> "Config":
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"missing config file {path}")
+            raise MissingFile(f"missing config file {path}")
         data = read_json(path)
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+            raise CorruptFile(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, source=path)
 
     def to_json_dict(self) -> Dict[str, Any]:
@@ -65,10 +69,10 @@ class LensTransformerConfig(Config):
                     "enc_hidden_dim"):
             v = self[key]
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or (key == "num_layers" and v < 0):
-                raise ValueError(f"config {key}={v!r}: expected a positive integer")
+                raise InvalidValue(f"config {key}={v!r}: expected a positive integer")
         axes = list(self["axes_dims_rope"])
         if len(axes) != 3 or any(a % 2 for a in axes) or sum(axes) != self["attention_head_dim"]:
-            raise ValueError(f"config axes_dims_rope={axes}: expected three even sizes summing to "
+            raise InvalidValue(f"config axes_dims_rope={axes}: expected three even sizes summing to "
                              f"attention_head_dim={self['attention_head_dim']}")
         if not self["selected_layer_index"]:
-            raise ValueError("config selected_layer_index is empty; expected the text-encoder layers to use")
+            raise InvalidValue("config selected_layer_index is empty; expected the text-encoder layers to use")

@@ -7,6 +7,7 @@ overwrites an existing checkpoint unless asked to.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,9 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..errors import CorruptFile, InvalidValue, MissingFile, OutputExists, UserError, one_line, storage_error
+from .config import read_json
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -27,7 +31,91 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
     key = str(dtype).replace("torch.", "").lower()
     if key in DTYPES:
         return DTYPES[key]
-    raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)} or a torch.dtype")
+    raise InvalidValue(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)} or a torch.dtype")
+
+
+PICKLE_EXTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _conversion_hint(folder: str, pickle_name: str) -> str:
+    stem = os.path.splitext(pickle_name)[0]
+    target = "model" if stem == "pytorch_model" else stem
+    src, dst = os.path.join(folder, pickle_name), os.path.join(folder, target + ".safetensors")
+    return ("convert it once, in an environment where you trust the file: python -c \"import torch; "
+            "from safetensors.torch import save_file; "
+            f"save_file(torch.load('{src}', weights_only=True), '{dst}')\" (sharded .bin files: load the folder "
+            "with transformers/diffusers and save_pretrained it, which writes safetensors)")
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Turn a failed safetensors read into a CorruptFile naming ``path``."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CorruptFile(f"corrupt safetensors file {path}: {one_line(e)}") from None
+    except OSError as e:
+        raise CorruptFile(f"cannot read safetensors file {path}: {one_line(e)}") from None
+
+
+def check_safetensors(path: str) -> None:
+    """Read a safetensors file's header (which also checks the file is long enough for
+    every tensor it lists); a CorruptFile naming the file when it is not usable."""
+    with _reading(path), safe_open(path, framework="pt", device="cpu") as f:
+        f.keys()
+
+
+def _read_index(index: str, folder: str) -> Tuple[list, Dict[str, str]]:
+    """(shard paths, key -> file) of a ``*.safetensors.index.json``; every shard must exist."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptFile(f"{index} is not a valid safetensors index (need a 'weight_map'): {one_line(e)}") \
+            from None
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise MissingFile(f"{index} names shard(s) that are missing from {folder}: {missing}")
+    return [os.path.join(folder, f) for f in files], weight_map
+
+
+def _refuse_pickles(folder: str, what: str) -> None:
+    pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_EXTS))
+    if pickles:
+        raise MissingFile(f"{folder} ({what}) holds only pickle weights ({', '.join(pickles)}); lens_fast loads "
+                          "safetensors only and never unpickles. To use it, " + _conversion_hint(folder, pickles[0]))
+
+
+def check_weights_folder(folder: str, what: str) -> list:
+    """The safetensors files of a component folder (any file names: transformers,
+    diffusers and lens_fast layouts), each header checked. A folder holding only pickle
+    weights, no weights, or a sharded index naming missing files is refused with one line."""
+    names = sorted(os.listdir(folder))
+    for index in (n for n in names if n.endswith(".safetensors.index.json")):
+        _read_index(os.path.join(folder, index), folder)
+    paths = [os.path.join(folder, n) for n in names if n.endswith(".safetensors")]
+    if not paths:
+        _refuse_pickles(folder, what)
+        raise MissingFile(f"{folder} ({what}) holds no weights; expected *.safetensors files")
+    for path in paths:
+        check_safetensors(path)
+    return paths
+
+
+WEIGHTED_COMPONENTS = ("transformer", "vae", "text_encoder")
+
+
+def check_component_files(folder: str, components) -> None:
+    """Every JSON file of each component folder parses, and each weighted component
+    holds readable safetensors: a checkpoint folder's problems surface before any of
+    its components loads."""
+    for name in components:
+        sub = os.path.join(folder, name)
+        for json_name in sorted(n for n in os.listdir(sub) if n.endswith(".json")):
+            read_json(os.path.join(sub, json_name))
+        if name in WEIGHTED_COMPONENTS:
+            check_weights_folder(sub, f"the {name.replace('_', ' ')}")
 
 
 def find_weight_files(folder: str, weights_name: str) -> Tuple[list, Optional[Dict[str, str]]]:
@@ -35,35 +123,19 @@ def find_weight_files(folder: str, weights_name: str) -> Tuple[list, Optional[Di
     single = os.path.join(folder, weights_name + ".safetensors")
     index = single + ".index.json"
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that are missing from {folder}: {missing}")
-        return [os.path.join(folder, f) for f in files], weight_map
+        return _read_index(index, folder)
     if os.path.isfile(single):
         return [single], None
-    if any(n.endswith(".bin") or n.endswith(".pt") for n in os.listdir(folder)):
-        raise FileNotFoundError(f"{folder} has no {weights_name}.safetensors; lens_fast loads safetensors only "
-                                "and never unpickles .bin/.pt files")
-    raise FileNotFoundError(f"{folder} has neither {weights_name}.safetensors nor "
-                            f"{weights_name}.safetensors.index.json")
+    _refuse_pickles(folder, "weights")
+    raise MissingFile(f"{folder} has neither {weights_name}.safetensors nor "
+                      f"{weights_name}.safetensors.index.json")
 
 
 def iter_safetensors(files: Iterable[str], device="cpu"):
     for path in files:
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    yield path, key, f.get_slice(key).get_shape(), lambda f=f, key=key: f.get_tensor(key)
-        except SafetensorError as e:
-            raise ValueError(f"corrupt safetensors file {path}: {e}") from None
-        except OSError as e:
-            raise ValueError(f"cannot read safetensors file {path}: {e}") from None
+        with _reading(path), safe_open(path, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                yield path, key, f.get_slice(key).get_shape(), lambda f=f, key=key: f.get_tensor(key)
 
 
 def load_state_dict_into(model: torch.nn.Module, files, dtype: Optional[torch.dtype], device="cpu",
@@ -83,7 +155,7 @@ def load_state_dict_into(model: torch.nn.Module, files, dtype: Optional[torch.dt
             try:
                 t = get()
             except SafetensorError as e:
-                raise ValueError(f"corrupt safetensors file {path} (tensor {key}): {e}") from None
+                raise CorruptFile(f"corrupt safetensors file {path} (tensor {key}): {one_line(e)}") from None
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             tensors[key] = t
@@ -98,30 +170,42 @@ def load_state_dict_into(model: torch.nn.Module, files, dtype: Optional[torch.dt
     if wrong:
         problems.append(f"shape mismatches ({len(wrong)}): {wrong[:8]}")
     if problems and (strict or wrong):
-        raise ValueError(f"checkpoint {sorted(set(found.values()))} does not match {type(model).__name__}: "
+        raise CorruptFile(f"checkpoint {sorted(set(found.values()))} does not match {type(model).__name__}: "
                          + "; ".join(problems))
     model.load_state_dict(tensors, strict=strict, assign=True)
 
 
 def atomic_write_folder(target: str, write_fn, overwrite: bool, stale_prefix: Optional[str] = None) -> None:
-    """Write a folder's files into a temp dir beside ``target`` then move them in."""
-    os.makedirs(target, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=target)
+    """Write a folder's files into a temp dir beside ``target`` then move them in. A
+    failed write (disk full, permissions) raises ``StorageError`` naming ``target``."""
     try:
-        write_fn(tmp)
-        names = os.listdir(tmp)
-        clashes = [n for n in names if os.path.exists(os.path.join(target, n))]
-        if clashes and not overwrite:
-            raise FileExistsError(f"{target} already holds {clashes}; pass overwrite=True to replace them")
-        if overwrite and stale_prefix:
-            # A replaced checkpoint must not leave shards (or an index) of the old one behind.
-            for n in os.listdir(target):
-                if n.startswith(stale_prefix) and n not in names and os.path.isfile(os.path.join(target, n)):
-                    os.remove(os.path.join(target, n))
-        for n in names:
-            os.replace(os.path.join(tmp, n), os.path.join(target, n))
+        os.makedirs(target, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=target)
+    except OSError as e:
+        raise storage_error(f"cannot write {target}", e) from None
+    try:
+        _fill_folder(target, tmp, write_fn, overwrite, stale_prefix)
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        raise storage_error(f"cannot write {target}", e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fill_folder(target: str, tmp: str, write_fn, overwrite: bool, stale_prefix: Optional[str]) -> None:
+    write_fn(tmp)
+    names = os.listdir(tmp)
+    clashes = [n for n in names if os.path.exists(os.path.join(target, n))]
+    if clashes and not overwrite:
+        raise OutputExists(f"{target} already holds {clashes}; pass overwrite=True to replace them")
+    if overwrite and stale_prefix:
+        # A replaced checkpoint must not leave shards (or an index) of the old one behind.
+        for n in os.listdir(target):
+            if n.startswith(stale_prefix) and n not in names and os.path.isfile(os.path.join(target, n)):
+                os.remove(os.path.join(target, n))
+    for n in names:
+        os.replace(os.path.join(tmp, n), os.path.join(target, n))
 
 
 class ModelLoadingMixin:
@@ -136,7 +220,7 @@ class ModelLoadingMixin:
         if subfolder:
             folder = os.path.join(folder, subfolder)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"model folder {folder} does not exist")
+            raise MissingFile(f"model folder {folder} does not exist")
         if not os.path.isfile(os.path.join(folder, "config.json")) and \
                 os.path.isfile(os.path.join(folder, "model_index.json")) and \
                 os.path.isdir(os.path.join(folder, "transformer")):

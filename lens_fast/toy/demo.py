@@ -4,8 +4,8 @@ The real code paths run end to end: the Lens denoiser (4 blocks, 128 wide), real
 pre-trained MiniLM text features through the multi-layer path (per-layer RMSNorm,
 concatenation, txt_in), pixel space standing in for the VAE behind the same
 interface, the project's trainer (bucketed in-memory source, logit-normal sigma,
-caption dropout for CFG, EMA, warm-up then a linear LR cool-down fitted to the time
-cap), and LensPipeline's sampler (CFG with the norm rescale). Held-out compositions
+caption dropout for CFG, EMA, warm-up then a linear LR cool-down over the last 40% of
+the steps), and LensPipeline's sampler (CFG with the norm rescale). Held-out compositions
 are scored with ShapeEval, GenEval-style. Ablations (``--ablation captions|resolution``)
 train at equal compute.
 
@@ -28,15 +28,19 @@ positions, and an image token's only absolute reference is its RoPE offset to th
 tokens, so each canvas needs its own layout); ``--ablation resolution`` trains the
 2:3/1:1/3:2 buckets against one square size.
 
-Time plan on a 2-core CPU (default): ~25 s data + text features, ~8 min training (the
-480 s cap), ~1.5 min sampling and scoring before and after (both prompt modes).
+Reproducible: the run is a fixed number of optimiser steps (``steps``, 1,800) on fixed
+seeds with a fixed thread count (``threads``, 2), so the same software gives the same
+score on any machine and under any load, bit for bit on the same CPU type (the report
+carries a hash of the trained weights to check that); the wall time is reported, not
+budgeted. Time plan on a 2-core CPU (default): ~25 s data + text features, ~8 min
+training, ~1.5 min sampling and scoring before and after (both prompt modes).
 ``--quick`` shrinks everything to about a minute. Ablation arms train ``ablation_steps``
 each (600; 40 with ``--quick``).
 """
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
+import hashlib
 import os
 import platform
 import sys
@@ -49,6 +53,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..atomic import save_image, write_json, write_text
+from ..cli_checks import OneLineParser, check_output_folder, integer
+from ..errors import InvalidValue, run_cli
 from . import aspect_buckets, heldout_prompts, make_samples, score_set
 from .captions import dense_caption, layout_caption
 from .text import DEFAULT_LAYERS, HIDDEN, MiniLMTextEncoder
@@ -70,11 +77,11 @@ class DemoConfig:
     dense_words: int = 100  # word budget of the dense captions (40-100; optional sentences are dropped first)
     textures: Tuple[str, ...] = ("flat", "gradient", "noise")  # background textures of the training set
     train_mu: Optional[float] = 1.0  # logit-normal location of the training sigmas (None: 0 -> 0.3 by tokens)
-    steps: int = 2400
+    steps: int = 1800  # the fixed training budget (optimiser steps): the score does not depend on machine speed
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
-    decay_fraction: float = 0.4  # linear LR cool-down to 0 over this fraction of the steps that fit the time cap
+    decay_fraction: float = 0.4  # linear LR cool-down to 0 over this fraction of the steps
     betas: Tuple[float, float] = (0.9, 0.95)  # AdamW
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
@@ -89,14 +96,18 @@ class DemoConfig:
     guidance: float = 2.0
     sample_mu: Optional[float] = None  # sampler's time-shift location (None: the reference's empirical mu)
     seed: int = 0
-    max_train_seconds: float = 480.0
+    # Intra-op threads for training and sampling. Results depend on the thread count (not on
+    # the core count or load), so it is fixed. `lens-fast demo` runs with OMP_WAIT_POLICY=PASSIVE
+    # (lens_fast.cli.passive_openmp): with the default policy, two threads ran 4-13x slower
+    # whenever another CPU-heavy process shared the 2 cores (README, "Reliability").
+    threads: int = 2
     ablation_steps: int = 600  # optimiser steps of EACH ablation arm (equal compute across arms)
 
 
 BUCKET_RATIOS = ((2, 3), (1, 1), (3, 2))  # the resolution ablation's bucketed arm
 
 QUICK = dict(name="quick", n_samples=600, steps=120, warmup=20, ema_decay=0.9, eval_per_tag=4, sample_steps=10,
-             max_train_seconds=60.0, ablation_steps=40)
+             ablation_steps=40)
 
 
 def build_config(quick: bool, **overrides) -> DemoConfig:
@@ -127,7 +138,7 @@ def build_data(cfg: DemoConfig, text_encoder: MiniLMTextEncoder, bar) -> Tuple[d
     elif cfg.captions == "mixed":
         captions = [d if rng.random() < 0.5 else s["brief"] for d, s in zip(dense, samples)]
     else:
-        raise ValueError(f"captions={cfg.captions!r}; expected dense, brief, mixed or layout")
+        raise InvalidValue(f"captions={cfg.captions!r}; expected dense, brief, mixed or layout")
     bar.set_description("text features")
     feats, mask = text_encoder.encode(captions, max_sequence_length=128)
     bar.update(1)
@@ -184,25 +195,13 @@ def train_config(cfg: DemoConfig, data: dict):
     tc.loss.mu_points = [[tokens[0], 0.0], [max(tokens[-1], tokens[0] + 1), 0.3]]
     if cfg.train_mu is not None:
         tc.loss.mu_points = [[p[0], float(cfg.train_mu)] for p in tc.loss.mu_points]
+    tc.optim.decay_steps = min(cfg.steps, max(1, int(round(cfg.decay_fraction * cfg.steps)))) \
+        if cfg.decay_fraction > 0 else 0
     tc.ema.decay = cfg.ema_decay
     tc.checkpoint.every = cfg.steps + 1  # no out_dir: nothing is written anyway
     tc.logging.every, tc.logging.sample_every, tc.logging.progress_bar = 10, 0, False
     tc.parallel.activation_checkpointing = "none"
     return tc
-
-
-def _plan_steps(cfg: DemoConfig, trainer, planned: int, elapsed: float) -> int:
-    """Steps that fit the time cap at the rate measured so far (frozen once the LR
-    cool-down has started); sets the trainer's max_steps and decay_steps to match."""
-    tc = trainer.cfg
-    if trainer.step >= 50 and trainer.step < tc.train.max_steps - tc.optim.decay_steps \
-            and np.isfinite(cfg.max_train_seconds):
-        rate = elapsed / trainer.step
-        fit = trainer.step + int(0.98 * (cfg.max_train_seconds - elapsed) / rate)
-        planned = max(trainer.step + 1, min(cfg.steps, fit))
-    decay = max(1, int(round(cfg.decay_fraction * planned)))
-    tc.train.max_steps, tc.optim.decay_steps = planned, min(decay, planned)
-    return planned
 
 
 class _Progress:
@@ -244,7 +243,7 @@ def model_prompts(prompts: List[dict], mode: str, cfg: DemoConfig) -> List[str]:
         style = "layout" if cfg.captions == "layout" else "dense"
         return [rewrite_prompt(p["prompt"], np.random.default_rng([cfg.seed, 0x2E, i]), max_words=cfg.dense_words,
                                style=style, sizes=cfg.rewrite_sizes) for i, p in enumerate(prompts)]
-    raise ValueError(f"prompts={mode!r}; expected one of {list(PROMPT_MODES)}")
+    raise InvalidValue(f"prompts={mode!r}; expected one of {list(PROMPT_MODES)}")
 
 
 def sample_and_score(model, text_encoder, prompts: List[dict], sizes, cfg: DemoConfig, bar,
@@ -276,7 +275,7 @@ def sample_and_score(model, text_encoder, prompts: List[dict], sizes, cfg: DemoC
 def evaluate(model, text_encoder, prompts, sizes, cfg: DemoConfig, bar) -> Tuple[Dict[str, dict], list]:
     """Scores under both prompt modes ({mode: score_set}) and the headline mode's images."""
     if cfg.prompts not in PROMPT_MODES:
-        raise ValueError(f"prompts={cfg.prompts!r}; expected one of {list(PROMPT_MODES)}")
+        raise InvalidValue(f"prompts={cfg.prompts!r}; expected one of {list(PROMPT_MODES)}")
     scores, shown = {}, None
     for mode in PROMPT_MODES:
         scores[mode], images = sample_and_score(model, text_encoder, prompts, sizes, cfg, bar, mode)
@@ -295,7 +294,7 @@ def _grid_png(path: str, images: List[Image.Image], prompts: List[str], cols: in
         x, y = (i % cols) * (cell_w + 4), (i // cols) * (cell_h + 16)
         canvas.paste(im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST), (x, y))
         draw.text((x, y + cell_h + 1), text[:22], fill="black")
-    canvas.save(path)
+    save_image(canvas, path)
 
 
 def _loss_png(path: str, losses: List[Tuple[int, float]]) -> None:
@@ -314,16 +313,42 @@ def _loss_png(path: str, losses: List[Tuple[int, float]]) -> None:
         d.text((2, 10), f"{hi:.3f}", fill="black")
         d.text((2, h - pad - 12), f"{lo:.3f}", fill="black")
     d.text((pad + 6, 12), "training loss (flow matching MSE)", fill="black")
-    img.save(path)
+    save_image(img, path)
+
+
+def weights_digest(model) -> str:
+    """A short hash of a model's weights: two runs that agree on it trained bit for bit alike."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int):
+    """``torch.set_num_threads(n)`` for the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = None, eval_sizes=None,
         write_artifacts: bool = True) -> dict:
-    """Train, sample, score one configuration; returns its report dict."""
+    """Train, sample, score one configuration; returns its report dict. A fixed number
+    of steps on ``cfg.threads`` threads: the result does not depend on the machine's
+    speed, core count or load."""
+    with fixed_threads(cfg.threads):
+        return _run(cfg, out, text_encoder, eval_sizes, write_artifacts)
+
+
+def _run(cfg: DemoConfig, out: str, text_encoder, eval_sizes, write_artifacts: bool) -> dict:
     from ..train import InMemorySource, Trainer
 
     t0 = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     text_encoder = text_encoder or MiniLMTextEncoder()
     eval_sizes = [tuple(s) for s in (eval_sizes or cfg.eval_sizes)]
     prompts = heldout_prompts(cfg.eval_per_tag, seed=cfg.seed + 99)
@@ -339,18 +364,11 @@ def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = N
         trainer = Trainer(train_config(cfg, data), model=model, data=source, out_dir=None, callbacks=[progress])
         bar.set_description("training")
         t1 = time.time()
-        # Chunks of 50 steps up to cfg.steps, stopping early at the wall-clock cap so the
-        # demo's time budget holds on slower machines (the report says how far it got).
-        # With a cool-down, the planned step count (and so where the cool-down starts) is
-        # re-estimated from the measured step rate until the cool-down begins.
-        planned = cfg.steps
-        while trainer.step < planned and time.time() - t1 < cfg.max_train_seconds:
-            if cfg.decay_fraction > 0:
-                planned = _plan_steps(cfg, trainer, planned, time.time() - t1)
-            trainer.train(max_steps=min(planned, trainer.step + 50))
+        trainer.train(max_steps=cfg.steps)
         t_train = time.time() - t1
         bar.set_description("sampling held-out prompts")
-        scores, images = evaluate(trainer.ema_model(), text_encoder, prompts, eval_sizes, cfg, bar)
+        ema = trainer.ema_model()
+        scores, images = evaluate(ema, text_encoder, prompts, eval_sizes, cfg, bar)
     steps_done = trainer.step
     report = {
         "config": asdict(cfg), "data": data_info, "steps": steps_done, "train_seconds": round(t_train, 1),
@@ -358,16 +376,17 @@ def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = N
         "throughput": {"steps_per_s": round(steps_done / max(t_train, 1e-9), 2),
                        "samples_per_s": round(steps_done * cfg.batch / max(t_train, 1e-9), 1)},
         "final_loss": float(np.mean([l for _, l in progress.losses[-5:]])) if progress.losses else None,
+        "weights_sha256": weights_digest(ema),
         "eval_sizes": [list(s) for s in eval_sizes],
         "prompts": cfg.prompts,
         "scores": _summary(scores[cfg.prompts]),
         "scores_by_prompts": {m: _summary(scores[m]) for m in PROMPT_MODES},
         "untrained": _summary(untrained[cfg.prompts]),
         "untrained_by_prompts": {m: _summary(untrained[m]) for m in PROMPT_MODES},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {"cpu_count": os.cpu_count(), "threads": cfg.threads, "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
     }
     if write_artifacts:
-        os.makedirs(out, exist_ok=True)
         _grid_png(os.path.join(out, "samples.png"), images[:48], [p["prompt"] for p in prompts][:48])
         _loss_png(os.path.join(out, "loss.png"), progress.losses)
         trainer.ema_model().save_pretrained(os.path.join(out, "transformer"))  # to sample again: load_demo_model
@@ -416,37 +435,42 @@ def _markdown(reports: Dict[str, dict], title: str) -> str:
                   "random). "
                   f"Bold: the headline mode ({first['prompts']}).",
               f"Throughput: {first['throughput']['samples_per_s']} samples/s; wall time {first['wall_seconds']} s "
-              f"on {first['machine']['cpu_count']} CPU cores (torch {first['machine']['torch']})."]
+              f"with {first['machine']['threads']} threads on {first['machine']['cpu_count']} CPU cores "
+              f"(torch {first['machine']['torch']}); trained weights {first['weights_sha256']} (the same hash: the "
+              "same model, bit for bit)."]
     return "\n".join(lines) + "\n"
 
 
 def _write(out: str, reports: Dict[str, dict], title: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(reports if len(reports) > 1 else next(iter(reports.values())), f, indent=2)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(_markdown(reports, title))
+    write_json(os.path.join(out, "report.json"), reports if len(reports) > 1 else next(iter(reports.values())),
+               indent=2)
+    write_text(os.path.join(out, "report.md"), _markdown(reports, title))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="lens-fast demo", description=__doc__.split("\n\n")[0])
+    """Entry point of ``lens-fast demo``: returns the exit status (2 for user errors, 1 for bugs)."""
+    return run_cli("lens-fast demo", _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: List[str]) -> int:
+    p = OneLineParser(prog="lens-fast demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="~2 minute version (CI)")
     p.add_argument("--out", default="demo_out", help="output folder (must be new or empty)")
     p.add_argument("--ablation", choices=["captions", "resolution"], help="equal-compute ablation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="train exactly this many optimiser steps (no time cap), so the "
-                                             "result does not depend on the machine's load")
+    p.add_argument("--seed", type=integer(0, 2 ** 31 - 1), default=0)
+    p.add_argument("--steps", type=integer(1, 10 ** 6), help="training steps (default 1800; 120 with --quick)")
+    p.add_argument("--threads", type=integer(1, 1024), default=DemoConfig.threads,
+                   help="CPU threads for training and sampling (the result depends on it, not on the machine)")
     args = p.parse_args(argv)
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        raise FileExistsError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: expected a positive number of optimiser steps")
-    budget = {} if args.steps is None else {"steps": args.steps, "max_train_seconds": float("inf")}
-    cfg = build_config(args.quick, seed=args.seed, **budget)
+    check_output_folder(args.out, "--out")
+    overrides = {"seed": args.seed, "threads": args.threads}
+    if args.steps is not None:
+        overrides.update(steps=args.steps, warmup=min(DemoConfig.warmup, args.steps // 4))
+    cfg = build_config(args.quick, **overrides)
     text_encoder = MiniLMTextEncoder()
     if args.ablation:
-        # Every arm trains the same number of optimiser steps on the same batch size (the
-        # time cap is only a guard); each arm's wall time is in its report.
+        # Every arm trains the same number of optimiser steps on the same batch size; each
+        # arm's wall time is in its report.
         arm = replace(cfg, steps=cfg.ablation_steps, warmup=min(cfg.warmup, cfg.ablation_steps // 4))
     if args.ablation == "captions":
         reports = {}

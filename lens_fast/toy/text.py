@@ -33,7 +33,7 @@ class MiniLMTextEncoder:
 
         path = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True).to(device).eval()
         n = self.model.config.num_hidden_layers
         bad = [i for i in selected_layers if not 0 <= i <= n]
         if bad:
