@@ -38,11 +38,14 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
+from .errors import InvalidValue, UserError
+
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
-class ChatError(RuntimeError):
-    """A chat request that failed for good. ``status`` is the last HTTP status (None when
+class ChatError(UserError, RuntimeError):
+    """A chat request that failed for good (an environment problem, not a bug: the CLI
+    prints it as one line). ``status`` is the last HTTP status (None when
     no response came back), ``attempts`` how many requests were made."""
 
     def __init__(self, message: str, status: Optional[int] = None, attempts: int = 0):
@@ -59,7 +62,7 @@ def _positive(name: str, value, allow_none: bool = False, integer: bool = False)
         ok = ok and float(value).is_integer()
     if not ok:
         kind = "a positive integer" if integer else "a positive finite number"
-        raise ValueError(f"{name}={value!r}: expected {kind}{' or None' if allow_none else ''}")
+        raise InvalidValue(f"{name}={value!r}: expected {kind}{' or None' if allow_none else ''}")
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,10 @@ class ChatEndpoint:
 
     def __post_init__(self):
         if not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url={self.base_url!r}: expected an http:// or https:// URL such as "
+            raise InvalidValue(f"base_url={self.base_url!r}: expected an http:// or https:// URL such as "
                              "http://127.0.0.1:8000/v1")
         if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError(f"model={self.model!r}: expected the model name the endpoint serves")
+            raise InvalidValue(f"model={self.model!r}: expected the model name the endpoint serves")
         _positive("timeout_s", self.timeout_s)
         _positive("backoff_s", self.backoff_s)
         _positive("backoff_max_s", self.backoff_max_s)
@@ -93,7 +96,7 @@ class ChatEndpoint:
         _positive("requests_per_minute", self.requests_per_minute, allow_none=True)
         _positive("tokens_per_minute", self.tokens_per_minute, allow_none=True)
         if not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool) or self.max_retries < 0:
-            raise ValueError(f"max_retries={self.max_retries!r}: expected an integer >= 0")
+            raise InvalidValue(f"max_retries={self.max_retries!r}: expected an integer >= 0")
 
     @classmethod
     def from_env(cls, prefix: str, **overrides) -> "ChatEndpoint":
@@ -107,7 +110,7 @@ class ChatEndpoint:
         values.update(overrides)
         for key, env in (("base_url", "BASE_URL"), ("model", "MODEL")):
             if not values.get(key):
-                raise ValueError(f"no chat endpoint {key}: set {prefix}_{env} (or pass {key}=...)")
+                raise InvalidValue(f"no chat endpoint {key}: set {prefix}_{env} (or pass {key}=...)")
         return cls(**values)
 
     @property
@@ -369,7 +372,7 @@ def decode_image_part(part: dict):
 
     url = part["image_url"]["url"]
     if not url.startswith("data:") or ";base64," not in url:
-        raise ValueError(f"expected a base64 data URL, got {url[:40]!r}")
+        raise InvalidValue(f"expected a base64 data URL, got {url[:40]!r}")
     return Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1])))
 
 

@@ -82,6 +82,7 @@ def check_generate_args(args) -> Tuple[List[str], List[str]]:
 
 
 def cmd_generate(args) -> int:
+    reasoning = ReasoningSetup(args)  # checks the system prompt and the endpoint before any compute
     prompts, paths = check_generate_args(args)
     if args.quiet:
         quiet_loaders()
@@ -90,7 +91,6 @@ def cmd_generate(args) -> int:
     from .image_metadata import save_image
     from .pipeline import LensPipeline
 
-    reasoning = ReasoningSetup(args)  # checks the system prompt and the endpoint before any compute
     pipe = LensPipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device,
                                         template_date=args.template_date, quantization=args.quantization)
     reasoning.attach(pipe)

@@ -48,6 +48,11 @@ class NoUsableData(UserError, RuntimeError):
     """A data source read on without finding a usable sample."""
 
 
+class MissingDependency(UserError, ImportError):
+    """An optional package that the requested feature needs is not installed; the message
+    says which extra to install."""
+
+
 class StorageError(UserError, OSError):
     """Writing an output failed: disk full, no permission, a file removed underneath."""
 

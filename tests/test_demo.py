@@ -1,6 +1,5 @@
 """The built-in demo: `lens-fast demo --quick` end to end, and its text features."""
 import json
-import os
 
 import pytest
 import torch

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import OutputExists
 from .config import STAGES, CurateConfig
 from .inputs import scan
 from .layout import write_json
@@ -81,7 +82,7 @@ def calibrate(inputs: List[str], out: str, cfg: CurateConfig = None, sample: int
     cfg = (cfg or CurateConfig()).validate()
     cfg.execution.score_all = True
     if os.path.isdir(out) and os.listdir(out):
-        raise FileExistsError(f"--out {out} already holds files; calibration writes into a new or empty folder")
+        raise OutputExists(f"--out {out} already holds files; calibration writes into a new or empty folder")
     os.makedirs(out, exist_ok=True)
     min_area = cfg.area.min_area or smallest_bucket_area(bucket_table(cfg.shards.buckets))
     units, _ = scan(inputs, cfg.execution.unit_size, os.path.join(out, "listing"))

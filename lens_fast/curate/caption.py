@@ -13,24 +13,25 @@ from typing import List, Optional, Sequence, Union
 
 from PIL import Image
 
+from ..errors import InvalidValue, MissingFile, UserError
 from ..chat_api import ChatClient, ChatEndpoint, ChatError, JsonCache, image_part
 from .config import CaptionConfig, default_prompt_file
 
 BASE_URL_ENV, MODEL_ENV = "LENS_FAST_CAPTION_BASE_URL", "LENS_FAST_CAPTION_MODEL"
 
 
-class CaptionServerDown(RuntimeError):
+class CaptionServerDown(UserError, RuntimeError):
     """The endpoint gave no answer at all (refused, unreachable, timed out every time)."""
 
 
 def read_prompt(cfg: CaptionConfig) -> str:
     path = cfg.prompt_file or default_prompt_file()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"caption prompt file {path} does not exist")
+        raise MissingFile(f"caption prompt file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         text = f.read().strip()
     if not text:
-        raise ValueError(f"caption prompt file {path} is empty; expected the instructions sent with every image")
+        raise InvalidValue(f"caption prompt file {path} is empty; expected the instructions sent with every image")
     return text
 
 
@@ -40,7 +41,7 @@ def resolve_endpoint(cfg: CaptionConfig) -> CaptionConfig:
     model = cfg.model or os.environ.get(MODEL_ENV)
     if not base_url or not model:
         missing = [n for n, v in (("base_url", base_url), ("model", model)) if not v]
-        raise ValueError(f"captioning is on but caption.{' and caption.'.join(missing)} is not set: pass "
+        raise InvalidValue(f"captioning is on but caption.{' and caption.'.join(missing)} is not set: pass "
                          f"--caption-url URL --caption-model NAME (or set {BASE_URL_ENV} / {MODEL_ENV}), "
                          "or turn captioning off (--no-caption keeps the inputs' own captions)")
     cfg.base_url, cfg.model = base_url, model
@@ -73,7 +74,7 @@ class Captioner:
     def _parse(self, text: str) -> str:
         caption = " ".join(text.split())
         if len(caption.split()) < self.cfg.min_words:
-            raise ValueError(f"a caption of {len(caption.split())} words; expected at least {self.cfg.min_words}")
+            raise InvalidValue(f"a caption of {len(caption.split())} words; expected at least {self.cfg.min_words}")
         return caption
 
     def _request(self, image: Image.Image) -> dict:

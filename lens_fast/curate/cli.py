@@ -102,23 +102,20 @@ def run(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``lens-fast curate``: the exit status (2 for user errors)."""
-    from .caption import CaptionServerDown
+    """Entry point of ``lens-fast curate``: 0 done, 1 finished with shards left to redo (or a
+    bug: a traceback), 2 a user error (one line)."""
+    from ..errors import run_cli
     from .pipeline import CurationIncomplete
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(argv)
-    except SystemExit as e:  # argparse: --help (0) or a bad option (2)
-        return e.code if isinstance(e.code, int) else 2
-    except CurationIncomplete as e:
-        print(f"lens-fast curate: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, CaptionServerDown) as e:
-        print(f"lens-fast curate: error: {e}", file=sys.stderr)
-        return 2
+    def run_or_report(args: List[str]) -> int:
+        try:
+            return run(args)
+        except CurationIncomplete as e:
+            print(f"lens-fast curate: {e}", file=sys.stderr)
+            return 1
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli("lens-fast curate", run_or_report, list(sys.argv[1:] if argv is None else argv))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ..errors import InvalidValue, MissingFile
+
 # The paper's order; "caption" and "shard" follow.
 STAGES = ("decode", "area", "nsfw", "aesthetic", "watermark", "clarity", "entropy", "luminance", "dedup")
 SCORE_STAGES = ("area", "nsfw", "aesthetic", "watermark", "clarity", "entropy", "luminance", "dedup")
@@ -23,7 +25,7 @@ MODEL_STAGES = ("nsfw", "aesthetic", "watermark")
 IMAGE_FORMATS = ("jpg", "png", "webp")
 
 
-class CurateConfigError(ValueError):
+class CurateConfigError(InvalidValue):
     """A curation config key, value or file is wrong; the message says which."""
 
 
@@ -214,7 +216,7 @@ class CurateConfig:
     @classmethod
     def from_file(cls, path: str) -> "CurateConfig":
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"curation config {path} does not exist")
+            raise MissingFile(f"curation config {path} does not exist")
         with open(path, encoding="utf-8") as f:
             try:
                 data = yaml.safe_load(f) or {}

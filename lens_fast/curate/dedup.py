@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import MissingDependency
+
 BLOCK = 2048  # rows of the cosine matrix computed at once (memory: BLOCK x cluster size)
 
 
@@ -26,7 +28,7 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("the dedup stage needs faiss: pip install -e '.[curate]' (faiss-cpu)") from None
+        raise MissingDependency("the dedup stage needs faiss: pip install -e '.[curate]' (faiss-cpu)") from None
     return faiss
 
 

@@ -17,6 +17,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator, List, Optional
 
+from ..errors import MissingDependency
 from .worker import Worker, init_worker, run_task
 
 
@@ -88,7 +89,7 @@ class RayExecutor:
             import ray
             import ray.data  # noqa: F401
         except ImportError:
-            raise ImportError("--executor ray needs Ray Data: pip install -e '.[ray]' (or pip install 'ray[data]')") \
+            raise MissingDependency("--executor ray needs Ray Data: pip install -e '.[ray]' (or pip install 'ray[data]')") \
                 from None
         self.ray, self.out = ray, out
         self.started = not ray.is_initialized()

@@ -18,6 +18,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from lens_fast.train.webdata import read_samples
 
+from ..errors import InvalidValue, MissingDependency, MissingFile
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 LIST_PATH_COLUMNS = ("path", "file", "image", "image_path")
@@ -32,7 +34,7 @@ def _list_rows(path: str) -> List[dict]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError("reading a parquet list needs pyarrow: pip install -e '.[curate]'") from None
+            raise MissingDependency("reading a parquet list needs pyarrow: pip install -e '.[curate]'") from None
         rows = pq.read_table(path).to_pylist()
     else:
         rows = []
@@ -42,19 +44,19 @@ def _list_rows(path: str) -> List[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {n} is not JSON ({e}); expected one object per line") from None
+                        raise InvalidValue(f"{path} line {n} is not JSON ({e}); expected one object per line") from None
     column = next((c for c in LIST_PATH_COLUMNS if rows and c in rows[0]), None)
     if rows and column is None:
-        raise ValueError(f"{path}: no path column; expected one of {list(LIST_PATH_COLUMNS)} "
+        raise InvalidValue(f"{path}: no path column; expected one of {list(LIST_PATH_COLUMNS)} "
                          f"(the first row has {sorted(rows[0])})")
     base = os.path.dirname(os.path.abspath(path))
     out = []
     for n, row in enumerate(rows):
         p = row.get(column)
         if not isinstance(p, str) or not p:
-            raise ValueError(f"{path} row {n}: {column}={p!r}; expected a local file path")
+            raise InvalidValue(f"{path} row {n}: {column}={p!r}; expected a local file path")
         if "://" in p:
-            raise ValueError(f"{path} row {n}: {p!r} is a URL; expected local files (download them first, "
+            raise InvalidValue(f"{path} row {n}: {p!r} is a URL; expected local files (download them first, "
                              "e.g. with img2dataset)")
         caption = row.get("caption")
         out.append({"path": os.path.normpath(os.path.join(base, p)),
@@ -78,15 +80,15 @@ def _folder_rows(folder: str) -> Tuple[List[dict], int]:
 def expand_inputs(specs: List[str]) -> List[str]:
     """Paths and globs -> existing input paths (folders, .tar, .parquet, .jsonl)."""
     if not specs:
-        raise ValueError("no input given: expected folders of images, WebDataset .tar files, or a .parquet/.jsonl list")
+        raise InvalidValue("no input given: expected folders of images, WebDataset .tar files, or a .parquet/.jsonl list")
     out = []
     for spec in specs:
         hits = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
         if not hits or not all(os.path.exists(h) for h in hits):
-            raise FileNotFoundError(f"input {spec!r} does not exist")
+            raise MissingFile(f"input {spec!r} does not exist")
         for h in hits:
             if not (os.path.isdir(h) or h.endswith((".tar", ".parquet", ".jsonl"))):
-                raise ValueError(f"input {h!r}: expected a folder, a .tar, a .parquet or a .jsonl file")
+                raise InvalidValue(f"input {h!r}: expected a folder, a .tar, a .parquet or a .jsonl file")
             out.append(os.path.abspath(h))
     return sorted(dict.fromkeys(out))
 

@@ -20,13 +20,15 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidValue
+
 LUMA = (0.299, 0.587, 0.114)
 
 
 def gray(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an RGB array [H, W, 3], got shape {rgb.shape}")
+        raise InvalidValue(f"expected an RGB array [H, W, 3], got shape {rgb.shape}")
     return rgb[..., 0] * LUMA[0] + rgb[..., 1] * LUMA[1] + rgb[..., 2] * LUMA[2]
 
 

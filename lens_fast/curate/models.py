@@ -26,10 +26,12 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..errors import InvalidValue, MissingDependency, MissingFile
+
 EMBEDDER_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
 
 
-class WeightsNotConfigured(ValueError):
+class WeightsNotConfigured(InvalidValue):
     pass
 
 
@@ -46,7 +48,7 @@ def _processor(folder: str):
     from transformers import AutoImageProcessor
 
     if not os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-        raise FileNotFoundError(f"{folder} has no preprocessor_config.json; expected the image processor saved "
+        raise MissingFile(f"{folder} has no preprocessor_config.json; expected the image processor saved "
                                 "with the model (save_pretrained of its processor)")
     major = int(transformers.__version__.split(".")[0])
     kwargs = {"backend": "pil"} if major >= 5 else {"use_fast": False}  # the PIL path needs no torchvision
@@ -55,12 +57,12 @@ def _processor(folder: str):
 
 def _check_folder(folder: str, what: str) -> dict:
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{what} folder {folder!r} does not exist")
+        raise MissingFile(f"{what} folder {folder!r} does not exist")
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
-        raise FileNotFoundError(f"{folder} has no config.json; expected a transformers {what} folder")
+        raise MissingFile(f"{folder} has no config.json; expected a transformers {what} folder")
     if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
-        raise FileNotFoundError(f"{folder} holds no .safetensors weights; convert .bin/.pt weights to safetensors "
+        raise MissingFile(f"{folder} holds no .safetensors weights; convert .bin/.pt weights to safetensors "
                                 "(lens_fast never unpickles)")
     with open(config, encoding="utf-8") as f:
         return json.load(f)
@@ -76,7 +78,7 @@ class TransformersEmbedder:
         config = _check_folder(folder, "CLIP/SigLIP")
         kind = config.get("model_type")
         if kind not in EMBEDDER_TYPES:
-            raise ValueError(f"{folder}: model_type {kind!r} is not an image embedder; expected one of "
+            raise InvalidValue(f"{folder}: model_type {kind!r} is not an image embedder; expected one of "
                              f"{EMBEDDER_TYPES}")
         classes = {"clip": "CLIPModel", "clip_vision_model": "CLIPVisionModelWithProjection",
                    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
@@ -110,14 +112,14 @@ class OpenClipEmbedder:
             import open_clip
             import torch
         except Exception as e:  # noqa: BLE001 - open_clip needs a torchvision that imports
-            raise ImportError(f"{folder} is an open_clip folder but open_clip does not import here ({e}); install "
+            raise MissingDependency(f"{folder} is an open_clip folder but open_clip does not import here ({e}); install "
                               "open_clip_torch with a matching torchvision, or use the transformers copy of the "
                               "model (most open_clip models on the Hub ship one)") from None
         with open(os.path.join(folder, "open_clip_config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
         weights = os.path.join(folder, "open_clip_model.safetensors")
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{folder} has no open_clip_model.safetensors (lens_fast never unpickles .bin)")
+            raise MissingFile(f"{folder} has no open_clip_model.safetensors (lens_fast never unpickles .bin)")
         name = cfg.get("model_name") or cfg.get("model_cfg", {}).get("name")
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
         self.device, self.batch_size, self.torch = _device(device), int(batch_size), torch
@@ -161,18 +163,18 @@ class Head:
 
         path = os.path.join(folder, "head.safetensors")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder} has no head.safetensors; expected the head's linear layers")
+            raise MissingFile(f"{folder} has no head.safetensors; expected the head's linear layers")
         tensors = load_file(path)
         layers = {}
         for name, t in tensors.items():
             m = re.fullmatch(r"(?:.*\.)?(\d+)\.(weight|bias)", name)
             if m is None:
-                raise ValueError(f"{path}: tensor {name!r} is not '<prefix>.<index>.weight|bias' of a linear chain")
+                raise InvalidValue(f"{path}: tensor {name!r} is not '<prefix>.<index>.weight|bias' of a linear chain")
             layers.setdefault(int(m.group(1)), {})[m.group(2)] = t.astype(np.float32)
         self.layers = [(layers[i]["weight"], layers[i].get("bias")) for i in sorted(layers)]
         for k in range(1, len(self.layers)):
             if self.layers[k][0].shape[1] != self.layers[k - 1][0].shape[0]:
-                raise ValueError(f"{path}: layer shapes do not chain ({[w.shape for w, _ in self.layers]})")
+                raise InvalidValue(f"{path}: layer shapes do not chain ({[w.shape for w, _ in self.layers]})")
         meta = {}
         if os.path.isfile(os.path.join(folder, "head.json")):
             with open(os.path.join(folder, "head.json"), encoding="utf-8") as f:
@@ -181,13 +183,13 @@ class Head:
         self.output = meta.get("output", "score")
         self.labels = meta.get("labels")
         if self.activation not in ("none", "relu", "gelu") or self.output not in ("score", "sigmoid", "softmax"):
-            raise ValueError(f"{folder}/head.json: activation {self.activation!r} / output {self.output!r}; expected "
+            raise InvalidValue(f"{folder}/head.json: activation {self.activation!r} / output {self.output!r}; expected "
                              "activation none|relu|gelu and output score|sigmoid|softmax")
         self.input_dim = self.layers[0][0].shape[1]
 
     def __call__(self, emb: np.ndarray) -> np.ndarray:
         if emb.shape[1] != self.input_dim:
-            raise ValueError(f"the head takes {self.input_dim}-dim embeddings, the embedder gives {emb.shape[1]}")
+            raise InvalidValue(f"the head takes {self.input_dim}-dim embeddings, the embedder gives {emb.shape[1]}")
         x = emb.astype(np.float32)
         for k, (w, b) in enumerate(self.layers):
             x = x @ w.T + (b if b is not None else 0.0)
@@ -207,7 +209,7 @@ def _label_columns(names: List[str], wanted: List[str], where: str, stage: str) 
     lower = [n.lower() for n in names]
     cols = [i for i, n in enumerate(lower) if n in {w.lower() for w in wanted}]
     if not cols:
-        raise ValueError(f"{where} has labels {names}; none of {stage}.labels {wanted}: set {stage}.labels to the "
+        raise InvalidValue(f"{where} has labels {names}; none of {stage}.labels {wanted}: set {stage}.labels to the "
                          "label(s) that mean what the stage drops")
     return cols
 

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from ..errors import OutputExists
 from . import dedup as dd
 from .caption import CaptionServerDown
 from .config import CurateConfig
@@ -54,19 +55,19 @@ def prepare(cfg: CurateConfig, inputs: List[str], lay: Layout) -> dict:
     """Create the run's state, or return the saved one to resume; refuse anything else."""
     paths = expand_inputs(inputs)
     if os.path.exists(lay.out) and not os.path.isdir(lay.out):
-        raise FileExistsError(f"--out {lay.out} exists and is not a folder")
+        raise OutputExists(f"--out {lay.out} exists and is not a folder")
     names = sorted(os.listdir(lay.out)) if os.path.isdir(lay.out) else []
     if names:
         if not os.path.isfile(lay.state):
             tars = [n for n in names if n.endswith(".tar")] + (["shards/"] if "shards" in names else [])
             what = f"shards ({', '.join(tars[:3])})" if tars else f"files ({', '.join(names[:3])})"
-            raise FileExistsError(f"--out {lay.out} already holds {what} and no curate.json; curation never "
+            raise OutputExists(f"--out {lay.out} already holds {what} and no curate.json; curation never "
                                   "overwrites a folder it did not start: choose a new or empty folder")
         state = read_json(lay.state)
         changed = _diff(state["fingerprint"], cfg.fingerprint())
         if changed or state["input_paths"] != paths:
             what = f"settings {changed[:6]}" if changed else "inputs"
-            raise FileExistsError(f"--out {lay.out} holds a curation run with other {what}; its shards are never "
+            raise OutputExists(f"--out {lay.out} holds a curation run with other {what}; its shards are never "
                                   "overwritten: use a new folder, or rerun with the same inputs and settings to resume")
         state["config"] = cfg.to_dict()  # execution settings (workers, endpoint, ...) may change on a resume
         write_json(lay.state, state)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InvalidValue
 from ..toy.captions import dense_caption
 from ..toy.scene import BACKGROUNDS, CLASSES, COLORS, GRID, SIZES, Scene, ShapeObject
 from ..toy.shapeeval import detect_objects, estimate_background
@@ -87,7 +88,7 @@ def caption_handler(request: dict) -> str:
             for part in reversed(content):
                 if isinstance(part, dict) and part.get("type") == "image_url":
                     return toy_caption(decode_image_part(part))
-    raise ValueError("the request holds no image_url part to caption")
+    raise InvalidValue("the request holds no image_url part to caption")
 
 
 def scene_embedding(image) -> np.ndarray:

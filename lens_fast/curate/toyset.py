@@ -34,6 +34,7 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..errors import OutputExists
 from ..toy.scene import render_scene, sample_scene
 
 KINDS = ("clean", "corrupt", "too_small", "blurred", "flat", "near_black", "near_white", "near_duplicate")
@@ -98,7 +99,7 @@ def make_toy_set(folder: str, n_clean: int = 300, n_defect: int = 30, seed: int 
     ``truth_path`` (default ``folder + '.truth.jsonl'``). Returns the truth rows:
     {"file", "kind", "scene" (dict or None), "duplicate_of" (file or None)}."""
     if os.path.isdir(folder) and os.listdir(folder):
-        raise FileExistsError(f"{folder} already holds files; expected a new or empty folder")
+        raise OutputExists(f"{folder} already holds files; expected a new or empty folder")
     os.makedirs(folder, exist_ok=True)
     draw = _SceneDraw(seed, restrict)
     rng = np.random.default_rng([seed, 0xDEFEC7])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from ..errors import InvalidValue
 from ..chat_api import ChatClient, ChatEndpoint, system_message, user_message
 from .base import RewriteError
 
@@ -24,7 +25,7 @@ _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 def _answer(text: str) -> str:
     answer = _THINK.sub("", text).strip()
     if not answer:
-        raise ValueError("empty answer")
+        raise InvalidValue("empty answer")
     return answer
 
 
@@ -38,7 +39,7 @@ class ApiBackend:
     def __init__(self, endpoint: ChatEndpoint, max_tokens: int = 1024, temperature: Optional[float] = None,
                  seed: Optional[int] = None):
         if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens!r}: expected an int >= 1")
+            raise InvalidValue(f"max_tokens={max_tokens!r}: expected an int >= 1")
         self.endpoint = endpoint
         self.client = ChatClient(endpoint, seed=seed)
         self.model = endpoint.model

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Union, runtime_checkable
 
+from ..errors import InvalidValue, MissingFile
 from ..chat_api import JsonCache
 from .checks import rejection_reason
 
@@ -66,12 +67,12 @@ def load_system_prompt(path: Optional[str] = None) -> str:
     """The text of a system-prompt file (default: the packaged Lens system prompt)."""
     path = os.fspath(path) if path is not None else DEFAULT_SYSTEM_PROMPT_FILE
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"system prompt file {path} does not exist; expected a text file with the "
+        raise MissingFile(f"system prompt file {path} does not exist; expected a text file with the "
                                 "reasoner's instructions")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
-        raise ValueError(f"system prompt file {path} is empty; expected the reasoner's instructions")
+        raise InvalidValue(f"system prompt file {path} is empty; expected the reasoner's instructions")
     return text.strip()
 
 
@@ -106,9 +107,9 @@ class Reasoner:
         if system_prompt is None:
             system_prompt = load_system_prompt()
         if not isinstance(system_prompt, str) or not system_prompt.strip():
-            raise ValueError(f"system_prompt={system_prompt!r}: expected the reasoner's instructions as text")
+            raise InvalidValue(f"system_prompt={system_prompt!r}: expected the reasoner's instructions as text")
         if not isinstance(memory_cache, int) or memory_cache < 0:
-            raise ValueError(f"memory_cache={memory_cache!r}: expected an int >= 0")
+            raise InvalidValue(f"memory_cache={memory_cache!r}: expected an int >= 0")
         self.backend = backend
         self.system_prompt = system_prompt.strip()
         self.disk_cache = JsonCache(cache_dir) if cache_dir else None

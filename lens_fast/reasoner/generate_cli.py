@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..errors import InvalidValue
 from .base import Reasoner, load_system_prompt
 from .integration import BACKENDS
 
@@ -31,10 +32,10 @@ class ReasoningSetup:
         self.backend_name: Optional[str] = args.reason
         self.cache_dir = args.reason_cache
         if args.reason_max_tokens is not None and args.reason_max_tokens < 1:
-            raise ValueError(f"--reason-max-tokens {args.reason_max_tokens}: expected a positive number of tokens")
+            raise InvalidValue(f"--reason-max-tokens {args.reason_max_tokens}: expected a positive number of tokens")
         self.limit = {} if args.reason_max_tokens is None else {"max_tokens": args.reason_max_tokens}
         if args.system_prompt is not None and args.reason is None:
-            raise ValueError("--system-prompt is used only with --reason local|api")
+            raise InvalidValue("--system-prompt is used only with --reason local|api")
         self.system_prompt = load_system_prompt(args.system_prompt) if args.reason else None
         self.backend = None
         if args.reason == "api":
@@ -45,7 +46,7 @@ class ReasoningSetup:
                 self.backend = ApiBackend.from_env(**self.limit)
                 self.backend.check()
             except ChatError as e:
-                raise ValueError(str(e)) from None
+                raise InvalidValue(str(e)) from None
 
     def attach(self, pipe) -> None:
         if self.backend_name is None:

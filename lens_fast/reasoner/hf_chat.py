@@ -18,6 +18,8 @@ import threading
 
 import torch
 
+from ..errors import InvalidValue, MissingFile
+
 MODEL_ENV = "LENS_FAST_HF_CHAT_MODEL"
 _lock = threading.Lock()
 _loaded = {}
@@ -28,7 +30,7 @@ def load(path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{MODEL_ENV}={path}: no such file or folder; expected a model folder or a .gguf file")
+        raise MissingFile(f"{MODEL_ENV}={path}: no such file or folder; expected a model folder or a .gguf file")
     if not path.endswith(".gguf"):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -46,7 +48,7 @@ def load(path: str):
 def _model():
     path = os.environ.get(MODEL_ENV)
     if not path:
-        raise ValueError(f"set {MODEL_ENV} to a model folder or .gguf file")
+        raise InvalidValue(f"set {MODEL_ENV} to a model folder or .gguf file")
     if path not in _loaded:
         _loaded[path] = load(path)
     return _loaded[path]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import List, Optional, Sequence, Tuple, Union
 
+from ..errors import InvalidValue
 from .base import Reasoner, Rewrite, load_system_prompt
 
 logger = logging.getLogger(__name__)
@@ -26,11 +27,11 @@ def build_reasoner(backend: str, text_encoder=None, system_prompt: Optional[str]
     its folder) or "api" (the endpoint in ``LENS_FAST_REASONER_*``), with ``system_prompt``
     (text) or ``system_prompt_file`` (default: the packaged Lens system prompt)."""
     if system_prompt is not None and system_prompt_file is not None:
-        raise ValueError("give system_prompt or system_prompt_file, not both")
+        raise InvalidValue("give system_prompt or system_prompt_file, not both")
     text = system_prompt if system_prompt is not None else load_system_prompt(system_prompt_file)
     if backend == "local":
         if text_encoder is None:
-            raise ValueError("the local reasoner generates with the pipeline's GPT-OSS text encoder, and this "
+            raise InvalidValue("the local reasoner generates with the pipeline's GPT-OSS text encoder, and this "
                              "pipeline has none (model_index.json lists no text_encoder); use backend 'api'")
         from .local import LocalGptOssBackend
 
@@ -40,7 +41,7 @@ def build_reasoner(backend: str, text_encoder=None, system_prompt: Optional[str]
 
         chat = ApiBackend.from_env(**backend_kwargs)
     else:
-        raise ValueError(f"reasoner backend {backend!r}; expected one of {list(BACKENDS)} (or pass a Reasoner)")
+        raise InvalidValue(f"reasoner backend {backend!r}; expected one of {list(BACKENDS)} (or pass a Reasoner)")
     return Reasoner(chat, text, cache_dir=cache_dir)
 
 
@@ -65,7 +66,7 @@ def fit_to_encoder(text_encoder, prompt: str, max_sequence_length: int) -> Tuple
         if _token_count(text_encoder, cut) <= max_sequence_length:
             return cut, total
         keep -= 1
-    raise ValueError(f"max_sequence_length={max_sequence_length} leaves no room for a prompt: the chat template "
+    raise InvalidValue(f"max_sequence_length={max_sequence_length} leaves no room for a prompt: the chat template "
                      "alone is longer; expected a larger max_sequence_length")
 
 

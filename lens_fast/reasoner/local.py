@@ -29,6 +29,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidValue, MissingFile
 from ..text_encoder import _decoder_stack, set_template_date
 from .base import RewriteError
 
@@ -78,7 +79,7 @@ def load_lm_head(folder: str, config) -> torch.Tensor:
     if name not in index and getattr(config, "tie_word_embeddings", False):
         name = "model.embed_tokens.weight"
     if name not in index:
-        raise FileNotFoundError(f"{folder} holds no lm_head.weight; the local reasoner needs the GPT-OSS LM head "
+        raise MissingFile(f"{folder} holds no lm_head.weight; the local reasoner needs the GPT-OSS LM head "
                                 "(expected the full causal LM checkpoint)")
     with safe_open(index[name], framework="pt") as f:
         return f.get_tensor(name)
@@ -96,14 +97,14 @@ class LocalGptOssBackend:
                  seed: int = 0, reasoning_effort: str = "low", timeout_s: Optional[float] = None,
                  checkpoint: Optional[str] = None, lm_head: Optional[torch.Tensor] = None):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
+            raise InvalidValue(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
         if not temperature >= 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature={temperature!r}, top_p={top_p!r}: expected temperature >= 0 and "
+            raise InvalidValue(f"temperature={temperature!r}, top_p={top_p!r}: expected temperature >= 0 and "
                              "0 < top_p <= 1")
         if reasoning_effort not in ("low", "medium", "high"):
-            raise ValueError(f"reasoning_effort={reasoning_effort!r}; expected 'low', 'medium' or 'high'")
+            raise InvalidValue(f"reasoning_effort={reasoning_effort!r}; expected 'low', 'medium' or 'high'")
         if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds or None")
+            raise InvalidValue(f"timeout_s={timeout_s!r}: expected a positive number of seconds or None")
         self.encoder = text_encoder
         self.tokenizer = text_encoder.tokenizer
         self.decoder, _ = _decoder_stack(text_encoder.model)

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Protocol, Sequence, runtime_checkable
 
+from ..errors import InvalidValue
+
 SPLITS = ("dev", "test")
 
 
@@ -49,7 +51,7 @@ class PromptMetric(Protocol):
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}; expected one of {list(SPLITS)}")
+        raise InvalidValue(f"split={split!r}; expected one of {list(SPLITS)}")
 
 
 class ShapeEvalMetric:
@@ -67,7 +69,7 @@ class ShapeEvalMetric:
         from ..toy.text import MiniLMTextEncoder
 
         if not isinstance(per_tag, int) or per_tag < 1:
-            raise ValueError(f"per_tag={per_tag!r}: expected an int >= 1")
+            raise InvalidValue(f"per_tag={per_tag!r}: expected an int >= 1")
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.model, self.cfg = load_demo_model(self.run_dir)
         self.text_encoder = MiniLMTextEncoder()
@@ -97,7 +99,7 @@ class ShapeEvalMetric:
         known = {p["prompt"]: p for split in SPLITS for p in self._sets[split]}
         missing = [r for r in requests if r not in known]
         if missing:
-            raise ValueError(f"request {missing[0]!r} is in neither prompt set of this metric; ShapeEval needs "
+            raise InvalidValue(f"request {missing[0]!r} is in neither prompt set of this metric; ShapeEval needs "
                              "each request's GenEval metadata")
         return [known[r] for r in requests]
 
@@ -109,7 +111,7 @@ class ShapeEvalMetric:
         from ..toy.demo import sample_and_score
 
         if len(requests) != len(prompts):
-            raise ValueError(f"{len(requests)} requests but {len(prompts)} prompts; expected one prompt per request")
+            raise InvalidValue(f"{len(requests)} requests but {len(prompts)} prompts; expected one prompt per request")
         items = self._items(requests)
         cfg = replace(self.cfg, seed=int(seed))
         with tqdm(disable=True) as bar:
@@ -125,13 +127,13 @@ def load_metric(spec: str, **kwargs) -> PromptMetric:
     returns a PromptMetric)."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise ValueError(f"--metric {spec!r}: expected 'toy:RUN_DIR' or 'package.module:factory'")
+        raise InvalidValue(f"--metric {spec!r}: expected 'toy:RUN_DIR' or 'package.module:factory'")
     if kind == "toy":
         return ShapeEvalMetric(rest, **kwargs)
     try:
         factory = getattr(importlib.import_module(kind), rest)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--metric {spec!r}: cannot load {rest!r} from {kind!r} ({e})") from None
+        raise InvalidValue(f"--metric {spec!r}: cannot load {rest!r} from {kind!r} ({e})") from None
     metric = factory(**kwargs)
     if not isinstance(metric, PromptMetric):
         raise TypeError(f"--metric {spec!r} built {type(metric).__name__}; expected an object with name, "

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import InvalidValue
 from ..chat_api import JsonCache
 from .base import ChatBackend, Reasoner, backend_settings, system_prompt_id
 from .metrics import PromptMetric
@@ -49,7 +50,7 @@ class RuleSet:
         lines = text.strip().splitlines()
         idx = [i for i, line in enumerate(lines) if _RULE_LINE.match(line)]
         if not idx:
-            raise ValueError("the system prompt has no rules; expected lines starting with '- ' "
+            raise InvalidValue("the system prompt has no rules; expected lines starting with '- ' "
                              f"(got {text.strip()[:80]!r})")
         rules = tuple(_RULE_LINE.match(lines[i]).group(1) for i in idx)
         return cls("\n".join(lines[:idx[0]]).strip(), rules, "\n".join(lines[idx[-1] + 1:]).strip())
@@ -72,7 +73,7 @@ def parse_rules(text: str, max_rules: int = 16) -> Tuple[str, ...]:
         if rule and rule not in rules:
             rules.append(rule)
     if not rules or len(rules) > max_rules:
-        raise ValueError(f"expected 1 to {max_rules} rules, one per line starting with '- '; got {len(rules)}")
+        raise InvalidValue(f"expected 1 to {max_rules} rules, one per line starting with '- '; got {len(rules)}")
     return tuple(rules)
 
 
@@ -109,11 +110,11 @@ class SearchConfig:
 
     def __post_init__(self):
         if not isinstance(self.budget, int) or self.budget < 1:
-            raise ValueError(f"budget={self.budget!r}: expected the number of candidates to score, >= 1")
+            raise InvalidValue(f"budget={self.budget!r}: expected the number of candidates to score, >= 1")
         if not 0 <= self.crossover_rate <= 1:
-            raise ValueError(f"crossover_rate={self.crossover_rate!r}: expected a probability in [0, 1]")
+            raise InvalidValue(f"crossover_rate={self.crossover_rate!r}: expected a probability in [0, 1]")
         if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"max_seconds={self.max_seconds!r}: expected a positive number or None")
+            raise InvalidValue(f"max_seconds={self.max_seconds!r}: expected a positive number or None")
 
 
 class SystemPromptSearch:

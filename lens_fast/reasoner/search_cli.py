@@ -19,6 +19,7 @@ import os
 import sys
 from typing import List, Optional
 
+from ..errors import InvalidValue, OutputExists
 from .base import load_system_prompt
 from .metrics import load_metric
 from .search import SearchConfig, SystemPromptSearch, write_report
@@ -34,10 +35,10 @@ def _backend(args):
         try:
             backend.check()
         except ChatError as e:
-            raise ValueError(str(e)) from None
+            raise InvalidValue(str(e)) from None
         return backend
     if not args.model:
-        raise ValueError("--backend local needs --model: the Lens checkpoint folder whose GPT-OSS generates")
+        raise InvalidValue("--backend local needs --model: the Lens checkpoint folder whose GPT-OSS generates")
     from ..models.config import read_json
     from ..text_encoder import LensTextEncoder
     from .local import LocalGptOssBackend
@@ -57,21 +58,21 @@ def _proposer(args):
     try:
         proposer.check()
     except ChatError as e:
-        raise ValueError(str(e)) from None
+        raise InvalidValue(str(e)) from None
     return proposer
 
 
 def _claim(out: str):
     """Creates ``out`` (new or empty) and holds its lock for the whole run: one process per folder."""
     if os.path.isdir(out) and [f for f in os.listdir(out) if f != ".lock"]:
-        raise FileExistsError(f"--out {out} is not empty; choose a new folder (nothing is overwritten)")
+        raise OutputExists(f"--out {out} is not empty; choose a new folder (nothing is overwritten)")
     os.makedirs(out, exist_ok=True)
     handle = open(os.path.join(out, ".lock"), "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise FileExistsError(f"--out {out} is in use by another search") from None
+        raise OutputExists(f"--out {out} is in use by another search") from None
     return handle
 
 
@@ -103,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for item in args.metric_arg:
         key, sep, value = item.partition("=")
         if not sep or not value.lstrip("-").isdigit():
-            raise ValueError(f"--metric-arg {item!r}: expected KEY=INTEGER")
+            raise InvalidValue(f"--metric-arg {item!r}: expected KEY=INTEGER")
         metric_kwargs[key] = int(value)
     rewriter, proposer = _backend(args), _proposer(args)
     metric = load_metric(args.metric, **metric_kwargs)
