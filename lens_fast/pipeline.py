@@ -11,41 +11,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .images import OUTPUT_TYPES, decoded_to_output
 from .models.config import read_json
 from .models.loading import resolve_dtype
 from .models.transformer import LensTransformer2DModel
+from .resolutions import resolve_resolution
 from .sampling import cfg_combine, lens_sigmas
 from .vae import LensVAE
 
-# Official resolution buckets: base -> aspect ratio -> (height, width).
-RATIOS = ("1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1")
-RESOLUTION_BUCKETS: Dict[int, Dict[str, Tuple[int, int]]] = {
-    1024: dict(zip(RATIOS, [(1472, 736), (1376, 768), (1248, 832), (1152, 864), (1024, 1024),
-                            (864, 1152), (832, 1248), (768, 1376), (736, 1472)])),
-    1440: dict(zip(RATIOS, [(2080, 1040), (1936, 1088), (1760, 1168), (1616, 1216), (1440, 1440),
-                            (1216, 1616), (1168, 1760), (1088, 1936), (1040, 2080)])),
-}
 # Recommended settings per variant: (steps, guidance).
 VARIANT_DEFAULTS = {"lens": (20, 5.0), "lens-turbo": (4, 1.0), "lens-base": (20, 5.0)}
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred")
-
-
-def resolve_resolution(base_resolution: int, aspect_ratio: str) -> Tuple[int, int]:
-    """(height, width) of an official bucket."""
-    if base_resolution not in RESOLUTION_BUCKETS:
-        raise ValueError(f"base_resolution={base_resolution!r} is not a bucket; expected one of "
-                         f"{sorted(RESOLUTION_BUCKETS)}")
-    table = RESOLUTION_BUCKETS[base_resolution]
-    if aspect_ratio not in table:
-        raise ValueError(f"aspect_ratio={aspect_ratio!r} is not a bucket; expected one of {list(table)}")
-    return table[aspect_ratio]
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -57,20 +38,6 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
         return torch.cat([randn_tensor((1, *shape[1:]), g, device, dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def decoded_to_output(decoded: torch.Tensor, output_type: str):
-    """Decoded images [B, 3, H, W] in [-1, 1] as the reference returns them: PIL (uint8,
-    truncated like the reference), ``np`` (HWC float in [0, 1]) or ``pt`` ([0, 1])."""
-    if output_type == "pil":
-        from PIL import Image
-
-        arr = ((decoded.clamp(-1, 1) + 1.0) * (255.0 / 2.0)).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
-        return [Image.fromarray(a) for a in arr]
-    images = (decoded.clamp(-1, 1) + 1.0) * 0.5
-    if output_type == "pt":
-        return images
-    return images.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
 
 
 @dataclass

@@ -18,8 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import yaml
 
 from lens_fast.models.config import LensTransformerConfig
-
-RATIOS = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
+from lens_fast.resolutions import RATIOS, parse_ratio
 
 
 class ConfigError(ValueError):
@@ -248,8 +247,6 @@ class TrainConfig:
                                            or sum(d.area_weights) <= 0):
             raise ConfigError(f"data.area_weights={d.area_weights}: expected {len(d.areas)} non-negative weights "
                               "(one per area) with a positive sum")
-        from .buckets import parse_ratio
-
         for r in d.ratios:
             parse_ratio(r)
         if not d.ratios:

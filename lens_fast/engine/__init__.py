@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
+from ..resolutions import official_resolutions
 from .engine import LensEngine, StepBuffers
 from .memory import estimate_peak_memory
 from .schedule import StepTables, bucket_length, bucket_text, build_step_tables, project_text
@@ -56,20 +57,6 @@ __all__ = ["OFFLOAD_MODES", "enable_fast_path", "disable_fast_path", "enable_tex
 
 _ATTR = "_lens_engine"
 _TEXT_ATTR = "_lens_text_encoding"
-
-
-def official_resolutions(which: Union[str, int] = "official") -> Tuple[Tuple[int, int], ...]:
-    """(height, width) of the official buckets: 'official' (all 18), 1024 or 1440."""
-    from ..pipeline import RESOLUTION_BUCKETS
-
-    if which in ("official", "all"):
-        bases = sorted(RESOLUTION_BUCKETS)
-    elif int(which) in RESOLUTION_BUCKETS:
-        bases = [int(which)]
-    else:
-        raise ValueError(f"prewarm={which!r}: expected 'official', one of {sorted(RESOLUTION_BUCKETS)} "
-                         "or a list of (height, width)")
-    return tuple(hw for base in bases for hw in RESOLUTION_BUCKETS[base].values())
 
 
 def get_engine(pipe) -> Optional[LensEngine]:

@@ -23,6 +23,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from ..images import decoded_to_output
 from ..sampling import cfg_combine
 from .denoiser import FastDenoiser, default_compile_mode
 from .graphs import GraphPool
@@ -202,8 +203,6 @@ class LensEngine:
     def postprocess(self, latents, height: int, width: int, output_type: str):
         if output_type == "latent":
             return latents
-        from ..pipeline import decoded_to_output
-
         return decoded_to_output(self.decoder.decode(latents, height, width), output_type)
 
     # -- pre-warming ----------------------------------------------------------------------
