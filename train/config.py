@@ -27,9 +27,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    # config.json keys of the model; lens_fast's own options (LensTransformerConfig.extensions,
+    # e.g. mask_every_block) may be added. A pretrained folder brings its own config.
     transformer: Dict[str, Any] = field(default_factory=lambda: dict(LensTransformerConfig.defaults))
     pretrained: Optional[str] = None  # diffusers folder (checkpoint root or its transformer/)
-    mask_every_block: bool = False  # the reference masks text in the first block only
 
 
 @dataclass
@@ -277,10 +278,10 @@ def apply_dict(cfg: TrainConfig, data: Dict[str, Any], source: str) -> None:
             if k not in names:
                 raise ConfigError(f"{source}: unknown key {key}.{k}; expected one of {names}")
             if key == "model" and k == "transformer":
-                unknown = sorted(set(v) - set(LensTransformerConfig.defaults))
+                unknown = sorted(set(v) - set(LensTransformerConfig.known_keys()))
                 if unknown:
                     raise ConfigError(f"{source}: unknown model.transformer key(s) {unknown}; expected keys from "
-                                      f"{sorted(LensTransformerConfig.defaults)}")
+                                      f"{LensTransformerConfig.known_keys()}")
                 v = {**section.transformer, **v}
             setattr(section, k, v)
 

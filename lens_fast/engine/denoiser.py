@@ -101,7 +101,8 @@ class FastDenoiser:
         model = self.model
         img = model.img_in(x)
         for j, block in enumerate(model.transformer_blocks):
-            img, txt = self.block_fn(block, img, txt, mods[j], rope, first_mask if j == 0 else later_mask)
+            reference_mask = j == 0 or model.mask_every_block
+            img, txt = self.block_fn(block, img, txt, mods[j], rope, first_mask if reference_mask else later_mask)
         scale, shift = out_mods.unbind(0)
         img = fused.layer_norm_modulate(img, shift, scale, model.norm_out.eps)
         return model.proj_out(img)

@@ -279,15 +279,14 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
                  inner_dim: Optional[int] = 1536, enc_hidden_dim: int = 2880,
                  axes_dims_rope: Sequence[int] = (8, 28, 28), gate_mlp: bool = True, rms_norm: bool = True,
                  multi_layer_encoder_feature: bool = True,
-                 selected_layer_index: Sequence[int] = (5, 11, 17, 23)):
+                 selected_layer_index: Sequence[int] = (5, 11, 17, 23), mask_every_block: bool = False):
         super().__init__()
-        self.config = LensTransformerConfig(
+        self.config = LensTransformerConfig.from_dict(dict(
             patch_size=patch_size, in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
             attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
             inner_dim=inner_dim, enc_hidden_dim=enc_hidden_dim, axes_dims_rope=list(axes_dims_rope),
             gate_mlp=gate_mlp, rms_norm=rms_norm, multi_layer_encoder_feature=multi_layer_encoder_feature,
-            selected_layer_index=list(selected_layer_index))
-        self.config.validate()
+            selected_layer_index=list(selected_layer_index), mask_every_block=mask_every_block))
         dim = num_attention_heads * attention_head_dim  # inner dim is always heads x head_dim
         self.inner_dim = dim
         self.out_channels = out_channels or in_channels
@@ -305,12 +304,29 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         self.norm_out = AdaLayerNormContinuous(dim, 1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
         self.gradient_checkpointing = False
-        # The reference applies the text mask in the FIRST block only: its blocks pop
-        # "attention_mask" from one kwargs dict shared by all of them, so blocks 1..L-1
-        # attend to padded text tokens too. The official numbers (and the conformance
-        # data) come from that behaviour, so it is the default. True masks every block
-        # (what lens-reference.md describes); it changes outputs wherever text is padded.
-        self.mask_every_block = False
+
+    @property
+    def mask_every_block(self) -> bool:
+        """Whether the text mask applies in every block (config key ``mask_every_block``).
+
+        The reference applies it in the FIRST block only: its blocks pop "attention_mask"
+        from one kwargs dict shared by all of them, so blocks 1..L-1 attend to padded text
+        tokens too. The official numbers (and the conformance data) come from that, so it is
+        the default, and what a folder without the key means. True masks every block (what
+        lens-reference.md describes); it changes outputs wherever text is padded. Setting it
+        changes the config, so ``save_pretrained`` and the trainer's export keep it."""
+        return self.config.mask_every_block
+
+    @mask_every_block.setter
+    def mask_every_block(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"mask_every_block={value!r}: expected True or False")
+        self.config.set("mask_every_block", value)
+
+    def block_masks(self, mask: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """The text mask each block attends with: ``mask`` for block 0, and for the others
+        ``mask`` with ``mask_every_block``, else None (see ``mask_every_block``)."""
+        return [mask if (i == 0 or self.mask_every_block) else None for i in range(len(self.transformer_blocks))]
 
     # -- conveniences users of diffusers expect ---------------------------------------
     @property
@@ -354,11 +370,11 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         blocks = list(self.transformer_blocks)
         if not blocks:
             return img, txt
+        masks = self.block_masks(mask)
         mods = blocks[0].modulation(temb)
         img_in, txt_in = blocks[0].entry(img, txt, mods)
         for i, block in enumerate(blocks):
-            block_mask = mask if (i == 0 or self.mask_every_block) else None
-            img, txt, img_mlp, txt_mlp = block.body(img, txt, img_in, txt_in, mods, rope, block_mask)
+            img, txt, img_mlp, txt_mlp = block.body(img, txt, img_in, txt_in, mods, rope, masks[i])
             if i + 1 == len(blocks):
                 return block.exit(img, txt, img_mlp, txt_mlp, mods)
             next_mods = blocks[i + 1].modulation(temb)
@@ -432,8 +448,7 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         if self._can_chain_blocks(img, txt):
             img, txt = self._chained_blocks(img, txt, temb, rope, mask)
         else:
-            for i, block in enumerate(self.transformer_blocks):
-                block_mask = mask if (i == 0 or self.mask_every_block) else None
+            for block, block_mask in zip(self.transformer_blocks, self.block_masks(mask)):
                 if torch.is_grad_enabled() and self.gradient_checkpointing:
                     img, txt = checkpoint(block, img, txt, temb, rope, block_mask, use_reentrant=False)
                 else:
