@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm.auto import tqdm
 
+from . import engine as fast_path
 from .images import OUTPUT_TYPES, decoded_to_output
 from .models.config import read_json
 from .models.loading import resolve_dtype
@@ -75,7 +76,12 @@ def _align(pos: List[torch.Tensor], pos_mask: torch.Tensor, neg: List[torch.Tens
 
 
 class LensPipeline:
-    """Text-to-image with Lens. Build with :meth:`from_pretrained` or from components."""
+    """Text-to-image with Lens. Build with :meth:`from_pretrained` or from components.
+
+    ``engine``: the inference engine (``lens_fast.engine.LensEngine``) once
+    ``enable_fast_path`` switched it on; ``denoise`` and ``postprocess`` hand over to it.
+    ``text_encoding``: the prompt cache / text-encoder offload (``lens_fast.engine.text``)
+    in front of the text encoder, used by ``_encode``. None is the reference path."""
 
     def __init__(self, transformer: LensTransformer2DModel, vae, text_encoder=None, scheduler_config=None,
                  variant: str = "lens"):
@@ -88,6 +94,8 @@ class LensPipeline:
         self.variant = variant
         self.default_sample_size = 1024
         self._progress = {}
+        self.engine = None
+        self.text_encoding = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -142,22 +150,16 @@ class LensPipeline:
     def enable_fast_path(self, **kwargs):
         """Switch to the inference engine (fused ops, compiled blocks, CUDA graphs);
         same arguments and results within bf16 noise. See ``lens_fast.engine``."""
-        from .engine import enable_fast_path
-
         self.transformer.fuse_projections()  # w1|w3 as one GEMM; state-dict names unchanged
-        return enable_fast_path(self, **kwargs)
+        return fast_path.enable_fast_path(self, **kwargs)
 
     def disable_fast_path(self):
-        from .engine import disable_fast_path
-
-        return disable_fast_path(self)
+        return fast_path.disable_fast_path(self)
 
     def enable_text_encoder_offload(self, mode: str = "model"):
         """Keep the text encoder off the GPU between encodings (``mode="sequential"``
         streams it layer by layer, for GPUs smaller than the encoder)."""
-        from .engine import enable_text_encoder_offload
-
-        return enable_text_encoder_offload(self, mode=mode)
+        return fast_path.enable_text_encoder_offload(self, mode=mode)
 
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
@@ -187,8 +189,14 @@ class LensPipeline:
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder (model_index.json lists none); "
                              "pass prompt_embeds and prompt_mask instead of a prompt")
-        feats, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, device=device)
-        return list(feats), mask.bool()
+
+        def encode():
+            feats, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, device=device)
+            return list(feats), mask.bool()
+
+        if self.text_encoding is None:
+            return encode()
+        return self.text_encoding(self.text_encoder, prompts, max_sequence_length, device, encode)
 
     def encode_prompt(self, prompt, negative_prompt="", num_images_per_prompt: int = 1, prompt_embeds=None,
                       prompt_mask=None, negative_prompt_embeds=None, negative_prompt_mask=None,
@@ -257,7 +265,11 @@ class LensPipeline:
                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), extra=None,
                 mu: Optional[float] = None):
         """The sampling loop on token latents [B, N, C]; ``feats``/``mask`` hold the
-        cond rows and, when CFG runs, the uncond rows after them."""
+        cond rows and, when CFG runs, the uncond rows after them. Runs on the engine when
+        the fast path is on."""
+        if self.engine is not None:
+            return self.engine.denoise(latents, feats, mask, grid, num_inference_steps, guidance_scale,
+                                       callback_on_step_end, callback_on_step_end_tensor_inputs, extra, mu)
         h, w = grid
         batch = latents.shape[0]
         use_cfg = guidance_scale != 1.0
@@ -341,6 +353,8 @@ class LensPipeline:
         return LensPipelineOutput(images=images) if return_dict else (images,)
 
     def postprocess(self, latents, height, width, output_type):
+        if self.engine is not None:
+            return self.engine.postprocess(latents, height, width, output_type)
         if output_type == "latent":
             return latents
         return decoded_to_output(self.vae.decode(latents, height, width), output_type)

@@ -16,7 +16,7 @@ from lens_fast import LensPipeline, LensVAE
 from lens_fast.engine import (FastDecoder, bucket_length, bucket_text, build_step_tables, disable_fast_path,
                               disable_text_encoder_offload, enable_fast_path, enable_text_encoder_offload,
                               estimate_peak_memory, get_engine, tile_starts)
-from lens_fast.engine.denoiser import block_forward
+from lens_fast.models.transformer import BlockModulation
 from lens_fast.tiny import SCHEDULER, make_tiny_checkpoint, make_tiny_transformer, make_tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def test_block_forward_with_precomputed_mods_equals_the_model_block():
         mods = tables.block_mods[1, j].unsqueeze(1).expand(12, 2, 64).contiguous()
         with torch.no_grad():
             ref = block(img, txt, temb, rope, mask)
-            out = block_forward(block, img, txt, mods, rope, mask)
+            out = block.forward_modulated(img, txt, BlockModulation.from_rows(mods), rope, mask)
         torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
 

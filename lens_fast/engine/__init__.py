@@ -11,11 +11,13 @@ device, a prompt-embedding cache, and a tiled, compiled, channels_last VAE decod
 encodings ('model': moved in whole; 'sequential': one layer at a time).
 ``disable_fast_path`` / ``disable_text_encoder_offload`` undo them.
 
-The engine installs itself by binding instance attributes that shadow three
-``LensPipeline`` methods with the same signatures: ``denoise`` (the sampling loop),
-``postprocess`` (decode) and ``_encode`` (prompt encoding; cache and offload). Nothing
-else of the pipeline changes: argument checking, prompt alignment, noise and output
-conversion stay the reference's.
+The pipeline holds what these switch on as two attributes it calls explicitly:
+``pipe.engine`` (a ``LensEngine``: ``LensPipeline.denoise`` and ``postprocess`` hand over
+to it) and ``pipe.text_encoding`` (a ``TextEncoding``: the prompt cache and the offload
+in front of the text encoder, used by ``LensPipeline._encode``); None means the
+reference path. Nothing else of the pipeline changes: argument checking, prompt
+alignment, noise and output conversion stay the reference's. The engine runs the model's
+own code (``denoiser``): there is no second copy of the block.
 
 Memory: a 1440^2 image with CFG in 24 GB (offload on, bf16)
 ------------------------------------------------------------
@@ -46,22 +48,19 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 from ..resolutions import official_resolutions
 from .engine import LensEngine, StepBuffers
 from .memory import estimate_peak_memory
-from .schedule import StepTables, bucket_length, bucket_text, build_step_tables, project_text
+from .schedule import StepTables, bucket_length, bucket_text, build_step_tables
 from .text import OFFLOAD_MODES, PromptCache, TextEncoderOffload, TextEncoding
 from .vae_decode import FastDecoder, tile_starts
 
 __all__ = ["OFFLOAD_MODES", "enable_fast_path", "disable_fast_path", "enable_text_encoder_offload",
-           "disable_text_encoder_offload", "get_engine", "official_resolutions", "LensEngine", "StepBuffers", "StepTables", "FastDecoder",
-           "PromptCache", "TextEncoderOffload", "bucket_length", "bucket_text", "build_step_tables",
-           "project_text", "tile_starts", "estimate_peak_memory"]
-
-_ATTR = "_lens_engine"
-_TEXT_ATTR = "_lens_text_encoding"
+           "disable_text_encoder_offload", "get_engine", "official_resolutions", "LensEngine", "StepBuffers",
+           "StepTables", "FastDecoder", "PromptCache", "TextEncoderOffload", "TextEncoding", "bucket_length",
+           "bucket_text", "build_step_tables", "tile_starts", "estimate_peak_memory"]
 
 
 def get_engine(pipe) -> Optional[LensEngine]:
     """The engine enabled on ``pipe``, or None."""
-    return pipe.__dict__.get(_ATTR)
+    return pipe.engine
 
 
 def enable_fast_path(pipe, *, compile: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
@@ -86,9 +85,7 @@ def enable_fast_path(pipe, *, compile: Optional[bool] = None, cuda_graphs: Optio
     disable_fast_path(pipe)
     engine = LensEngine(pipe, compile=compile, cuda_graphs=cuda_graphs, text_bucket=text_bucket,
                         keep_fp32_latents=keep_fp32_latents, **engine_options)
-    pipe.__dict__[_ATTR] = engine
-    pipe.denoise = engine.denoise
-    pipe.postprocess = engine.postprocess
+    pipe.engine = engine
     if pipe.text_encoder is not None:
         # An encoder that caches by itself (LensTextEncoder(cache_size > 0)) keeps doing so;
         # the engine's exact whole-call cache (see engine.text) serves the others.
@@ -101,16 +98,14 @@ def enable_fast_path(pipe, *, compile: Optional[bool] = None, cuda_graphs: Optio
 
 def disable_fast_path(pipe) -> None:
     """Return ``pipe`` to the reference path (text-encoder offload, if on, stays on)."""
-    engine = pipe.__dict__.pop(_ATTR, None)
+    engine, pipe.engine = pipe.engine, None
     if engine is not None:
-        pipe.__dict__.pop("denoise", None)
-        pipe.__dict__.pop("postprocess", None)
         engine.decoder.release()
-    text = pipe.__dict__.get(_TEXT_ATTR)
+    text = pipe.text_encoding
     if text is not None:
         text.cache = PromptCache(0)
         if text.offload is None:
-            _remove_text_encoding(pipe)
+            pipe.text_encoding = None
 
 
 def enable_text_encoder_offload(pipe, mode: str = "model") -> TextEncoderOffload:
@@ -125,26 +120,17 @@ def enable_text_encoder_offload(pipe, mode: str = "model") -> TextEncoderOffload
 
 def disable_text_encoder_offload(pipe) -> None:
     """Stop offloading: the text encoder goes back to the pipeline's device."""
-    text = pipe.__dict__.get(_TEXT_ATTR)
+    text = pipe.text_encoding
     if text is None or text.offload is None:
         return
     text.offload = None
     if pipe.text_encoder is not None:
         pipe.text_encoder.to(pipe.device)
     if text.cache.size == 0:
-        _remove_text_encoding(pipe)
+        pipe.text_encoding = None
 
 
 def _text_encoding(pipe) -> TextEncoding:
-    text = pipe.__dict__.get(_TEXT_ATTR)
-    if text is None:
-        reference_encode = type(pipe)._encode.__get__(pipe)
-        text = TextEncoding(pipe, reference_encode, cache_size=0)
-        pipe.__dict__[_TEXT_ATTR] = text
-        pipe._encode = text
-    return text
-
-
-def _remove_text_encoding(pipe) -> None:
-    pipe.__dict__.pop(_TEXT_ATTR, None)
-    pipe.__dict__.pop("_encode", None)
+    if pipe.text_encoding is None:
+        pipe.text_encoding = TextEncoding(cache_size=0)
+    return pipe.text_encoding

@@ -1,9 +1,9 @@
-"""LensEngine: the fast path behind ``LensPipeline`` (same arguments, same numbers within
-bf16 noise).
+"""LensEngine: the fast path a ``LensPipeline`` holds (``pipe.engine``) and calls for its
+denoise loop and decode (same arguments, same numbers within bf16 noise).
 
-Per call, before the loop: the text stream is projected once and padded to a multiple
-of ``text_bucket`` (masks per ``schedule.bucket_text``), the RoPE table and the
-schedule's tables (timestep embeddings, every block's modulation, ``norm_out``'s, dt)
+Per call, before the loop: the text stream is embedded once (the model's ``embed_text``)
+and padded to a multiple of ``text_bucket`` (masks per ``schedule.bucket_text``), the
+RoPE table and the schedule's tables (the model's ``modulations`` for every step, dt)
 are built or fetched from a cache. Each step then is one ``_step`` on static buffers:
 denoiser forward over [cond ; uncond], CFG combine and Euler update on the device,
 written back into the latents buffer. On CUDA the step is captured once per
@@ -27,7 +27,7 @@ from ..images import decoded_to_output
 from ..sampling import cfg_combine
 from .denoiser import FastDenoiser, default_compile_mode
 from .graphs import GraphPool
-from .schedule import StepTables, bucket_text, build_step_tables, project_text
+from .schedule import StepTables, bucket_text, build_step_tables
 from .vae_decode import FastDecoder
 
 
@@ -38,8 +38,8 @@ class StepBuffers:
     latents: torch.Tensor      # [B, N, C]   model dtype (or float32)
     noise_pred: torch.Tensor   # [B, N, C]   model dtype
     txt: torch.Tensor          # [Bt, S_b, dim]
-    first_mask: torch.Tensor   # [Bt, S_b] bool: reference mask AND bucket-valid
-    later_mask: torch.Tensor   # [Bt, S_b] bool: bucket-valid
+    text_mask: torch.Tensor    # [Bt, S_b] bool: reference mask AND bucket-valid
+    text_valid: torch.Tensor   # [Bt, S_b] bool: bucket-valid
     rope: torch.Tensor         # [N + S_b, D/2, 2] float32
     mods: torch.Tensor         # [L, 12, Bt, dim]
     out_mods: torch.Tensor     # [2, Bt, dim]
@@ -119,8 +119,8 @@ class LensEngine:
             latents=torch.zeros(batch, n, c_in, device=dev, dtype=latent_dtype),
             noise_pred=torch.zeros(batch, n, model.config.patch_size ** 2 * model.out_channels, device=dev, dtype=dt),
             txt=torch.zeros(bt, txt_len, dim, device=dev, dtype=dt),
-            first_mask=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
-            later_mask=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
+            text_mask=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
+            text_valid=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
             rope=model.rope_table(h, w, txt_len, dev).clone(),
             mods=torch.zeros(len(model.transformer_blocks), 12, bt, dim, device=dev, dtype=dt),
             out_mods=torch.zeros(2, bt, dim, device=dev, dtype=dt),
@@ -137,7 +137,7 @@ class LensEngine:
         """One sampling step on static buffers; no host synchronisation."""
         x = buf.latents.to(self.pipe.transformer.dtype)
         x_in = torch.cat([x, x], 0) if buf.cfg else x
-        out = self.denoiser(x_in, buf.txt, buf.rope, buf.first_mask, buf.later_mask, buf.mods, buf.out_mods)
+        out = self.denoiser(x_in, buf.txt, buf.rope, buf.text_mask, buf.text_valid, buf.mods, buf.out_mods)
         v = cfg_combine(out[:x.shape[0]], out[x.shape[0]:], buf.guidance) if buf.cfg else out
         buf.noise_pred.copy_(v)
         # The reference's scheduler step: float32 sample + (0-dim float32 dt) * v, cast back.
@@ -149,7 +149,7 @@ class LensEngine:
         buf.out_mods.copy_(tables.out_mods[i].unsqueeze(1))
         buf.dt.copy_(tables.dt[i])
 
-    # -- the loop (LensPipeline.denoise's signature) --------------------------------------
+    # -- the loop (what LensPipeline.denoise runs when the engine is on) -------------------
     @torch.no_grad()
     def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
                 guidance_scale: float, callback_on_step_end=None,
@@ -165,14 +165,14 @@ class LensEngine:
         if latents.shape[1] != h * w:
             raise ValueError(f"latents have {latents.shape[1]} tokens; expected h*w = {h}*{w} = {h * w}")
         tables = self.tables(num_inference_steps, h * w, mu)
-        txt, first, later = bucket_text(project_text(model, feats), mask.to(model.device), self.text_bucket)
+        txt, text_mask, text_valid = bucket_text(model.embed_text(feats), mask.to(model.device), self.text_bucket)
         latent_dtype = torch.float32 if self.keep_fp32_latents else model.dtype
         runner = self._runner(grid, batch, cfg, txt.shape[1], latent_dtype)
         buf = runner.buffers
         buf.latents.copy_(latents)
         buf.txt.copy_(txt)
-        buf.first_mask.copy_(first)
-        buf.later_mask.copy_(later)
+        buf.text_mask.copy_(text_mask)
+        buf.text_valid.copy_(text_valid)
         buf.guidance.fill_(float(guidance_scale))
         self._load_step(buf, tables, 0)
         if self.cuda_graphs and runner.graph is None:
@@ -198,7 +198,7 @@ class LensEngine:
         if new is not None:
             buf.latents.copy_(new)
 
-    # -- decode (LensPipeline.postprocess's signature) ------------------------------------
+    # -- decode (what LensPipeline.postprocess runs when the engine is on) -----------------
     @torch.no_grad()
     def postprocess(self, latents, height: int, width: int, output_type: str):
         if output_type == "latent":

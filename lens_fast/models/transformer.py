@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -158,10 +158,39 @@ class AdaLayerNormContinuous(nn.Module):
         self.eps = eps
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x, temb):
-        emb = self.linear(F.silu(temb).to(x.dtype))
-        scale, shift = emb.chunk(2, dim=1)
+    def modulation(self, temb, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) [B, dim] for the timestep embedding ``temb``, in ``dtype``."""
+        return tuple(self.linear(F.silu(temb).to(dtype)).chunk(2, dim=1))
+
+    def modulate(self, x, modulation: Tuple[torch.Tensor, torch.Tensor]):
+        scale, shift = modulation
         return fused.layer_norm_modulate(x, shift, scale, self.eps)
+
+    def forward(self, x, temb):
+        return self.modulate(x, self.modulation(temb, x.dtype))
+
+
+class BlockModulation(NamedTuple):
+    """One block's adaLN vectors for one timestep: per stream (shift1, scale1, gate1, shift2,
+    scale2, gate2), each [B, dim]. ``LensTransformerBlock.modulation`` computes them."""
+    img: Tuple[torch.Tensor, ...]
+    txt: Tuple[torch.Tensor, ...]
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> "BlockModulation":
+        """Views of a packed [12, B, dim] table: image rows 0-5, text rows 6-11."""
+        return cls(tuple(rows[:6].unbind(0)), tuple(rows[6:].unbind(0)))
+
+    def rows(self) -> torch.Tensor:
+        """The packed [12, ..., dim] table (``from_rows``'s inverse)."""
+        return torch.stack([*self.img, *self.txt], 0)
+
+
+class StepModulation(NamedTuple):
+    """Every modulation of the model for one timestep: one ``BlockModulation`` per block and
+    the output head's (scale, shift)."""
+    blocks: List[BlockModulation]
+    out: Tuple[torch.Tensor, torch.Tensor]
 
 
 class LensJointAttention(nn.Module):
@@ -218,10 +247,11 @@ class LensTransformerBlock(nn.Module):
         return x, self._norm_mod(norm, x, shift, scale)
 
     # The block in four steps, so the model's loop can fuse one block's exit with the
-    # next block's entry (``exit_into``); ``forward`` runs them in turn.
-    def modulation(self, temb):
-        """(image, text) modulation, each (shift1, scale1, gate1, shift2, scale2, gate2) [B, dim]."""
-        return self.img_mod(temb).chunk(6, dim=-1), self.txt_mod(temb).chunk(6, dim=-1)
+    # next block's entry (``exit_into``) and the engine can compile ``body``, the same code
+    # for every block; ``forward_modulated`` runs them in turn.
+    def modulation(self, temb) -> BlockModulation:
+        """The block's modulation for the timestep embedding ``temb`` [B, dim]."""
+        return BlockModulation(self.img_mod(temb).chunk(6, dim=-1), self.txt_mod(temb).chunk(6, dim=-1))
 
     def entry(self, img, txt, mods):
         """norm1 + modulate of both streams: the attention inputs."""
@@ -255,11 +285,14 @@ class LensTransformerBlock(nn.Module):
         txt, txt_in = nxt._residual_norm_mod(nxt.txt_norm1, txt, txt_mlp, mods[1][5], t_sh1, t_sc1)
         return img, txt, img_in, txt_in
 
-    def forward(self, img, txt, temb, rope, txt_mask):
-        mods = self.modulation(temb)
+    def forward_modulated(self, img, txt, mods: BlockModulation, rope, txt_mask):
+        """The block with its modulation passed in (see ``LensTransformer2DModel.modulations``)."""
         img_in, txt_in = self.entry(img, txt, mods)
         img, txt, img_mlp, txt_mlp = self.body(img, txt, img_in, txt_in, mods, rope, txt_mask)
         return self.exit(img, txt, img_mlp, txt_mlp, mods)
+
+    def forward(self, img, txt, temb, rope, txt_mask):
+        return self.forward_modulated(img, txt, self.modulation(temb), rope, txt_mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -353,33 +386,69 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
                 module.fuse()
         return self
 
-    # -- block loop ---------------------------------------------------------------------
-    def _can_chain_blocks(self, img, txt) -> bool:
-        """Whether the loop may fuse each block's exit with the next block's entry. That
-        calls block methods directly, so only plain blocks qualify (FSDP2, checkpoint
-        wrappers, hooks and ``Module.compile`` act on ``__call__`` and would be bypassed);
-        not under per-block gradient checkpointing, nor in float16 (the per-block clamp)."""
-        if torch.float16 in (img.dtype, txt.dtype) or (torch.is_grad_enabled() and self.gradient_checkpointing):
+    # -- the pieces of the forward, public for the engine --------------------------------
+    def embed_text(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The text stream's input [B, S, dim]: each selected layer's features RMS-normed,
+        concatenated, projected by ``txt_in``."""
+        if self.config.multi_layer_encoder_feature:
+            txt = torch.cat([norm(f) for norm, f in zip(self.txt_norm, encoder_hidden_states)], dim=-1)
+        else:
+            txt = self.txt_norm(encoder_hidden_states[0])
+        return self.txt_in(txt)
+
+    def time_embedding(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``temb`` [B, dim] for sigmas [B] (the reference's timestep / 1000)."""
+        return self.time_text_embed(sigma, dtype)
+
+    def modulations(self, sigma: torch.Tensor, dtype: Optional[torch.dtype] = None) -> StepModulation:
+        """Every block's and the output head's modulation for sigmas [B] (a function of sigma
+        alone: the engine computes a whole schedule's in one batch of B = steps)."""
+        dtype = self.dtype if dtype is None else dtype
+        temb = self.time_embedding(sigma, dtype)
+        return StepModulation([block.modulation(temb) for block in self.transformer_blocks],
+                              self.norm_out.modulation(temb, dtype))
+
+    def run_blocks(self, img, txt, mods: Sequence[BlockModulation], rope, masks: Sequence[Optional[torch.Tensor]],
+                   body: Optional[Callable] = None):
+        """All blocks on (img, txt) with their modulations passed in, calling the block
+        methods directly (so only for plain blocks; ``forward`` checks). Outside float16
+        (whose per-block clamp sits in between) block i's MLP residual is fused with block
+        i+1's norm1 (``exit_into``): the same math as calling the blocks in turn, one read of
+        each stream fewer per block. ``body`` replaces ``LensTransformerBlock.body`` (called
+        as ``body(block, ...)``), e.g. by a compiled version of it (the engine)."""
+        blocks = list(self.transformer_blocks)
+        if not blocks:
+            return img, txt
+        body = LensTransformerBlock.body if body is None else body
+        chain = torch.float16 not in (img.dtype, txt.dtype)
+        img_in, txt_in = blocks[0].entry(img, txt, mods[0])
+        for i, block in enumerate(blocks):
+            img, txt, img_mlp, txt_mlp = body(block, img, txt, img_in, txt_in, mods[i], rope, masks[i])
+            if i + 1 == len(blocks):
+                return block.exit(img, txt, img_mlp, txt_mlp, mods[i])
+            if chain:
+                img, txt, img_in, txt_in = block.exit_into(blocks[i + 1], img, txt, img_mlp, txt_mlp, mods[i],
+                                                           mods[i + 1])
+            else:
+                img, txt = block.exit(img, txt, img_mlp, txt_mlp, mods[i])
+                img_in, txt_in = blocks[i + 1].entry(img, txt, mods[i + 1])
+
+    def project_output(self, img, out_modulation: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``proj_out(norm_out(img))`` with the output head's (scale, shift) passed in."""
+        return self.proj_out(self.norm_out.modulate(img, out_modulation))
+
+    def _calls_blocks_directly(self) -> bool:
+        """Whether ``forward`` may call block methods directly (``run_blocks``): only plain
+        blocks qualify (FSDP2, checkpoint wrappers, hooks and ``Module.compile`` act on
+        ``__call__`` and would be bypassed), and not under per-block gradient checkpointing."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
             return False
         return all(type(b) is LensTransformerBlock and not b._forward_hooks and not b._forward_pre_hooks
                    and getattr(b, "_compiled_call_impl", None) is None for b in self.transformer_blocks)
 
-    def _chained_blocks(self, img, txt, temb, rope, mask):
-        """All blocks, block i's MLP residual fused with block i+1's norm1: the same math
-        as calling the blocks in turn, one read of each stream fewer per block."""
-        blocks = list(self.transformer_blocks)
-        if not blocks:
-            return img, txt
-        masks = self.block_masks(mask)
-        mods = blocks[0].modulation(temb)
-        img_in, txt_in = blocks[0].entry(img, txt, mods)
-        for i, block in enumerate(blocks):
-            img, txt, img_mlp, txt_mlp = block.body(img, txt, img_in, txt_in, mods, rope, masks[i])
-            if i + 1 == len(blocks):
-                return block.exit(img, txt, img_mlp, txt_mlp, mods)
-            next_mods = blocks[i + 1].modulation(temb)
-            img, txt, img_in, txt_in = block.exit_into(blocks[i + 1], img, txt, img_mlp, txt_mlp, mods, next_mods)
-            mods = next_mods
+    def _can_chain_blocks(self, img, txt) -> bool:
+        """Whether ``forward`` fuses each block's exit with the next block's entry."""
+        return torch.float16 not in (img.dtype, txt.dtype) and self._calls_blocks_directly()
 
     def rope_table(self, h: int, w: int, txt_len: int, device) -> torch.Tensor:
         """The RoPE table of the joint sequence, cached per (h, w, text length, device)."""
@@ -438,22 +507,20 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
             mask = mask.to(device=hidden_states.device, dtype=torch.bool)
         img = self.img_in(hidden_states)
         sigma = timestep.to(img.dtype).reshape(-1).expand(b)
-        if self.config.multi_layer_encoder_feature:
-            txt = torch.cat([norm(f) for norm, f in zip(self.txt_norm, feats)], dim=-1)
-        else:
-            txt = self.txt_norm(feats[0])
-        txt = self.txt_in(txt)
-        temb = self.time_text_embed(sigma, img.dtype)
+        txt = self.embed_text(feats)
+        temb = self.time_embedding(sigma, img.dtype)
         rope = self.rope_table(h, w, txt.shape[1], img.device)
-        if self._can_chain_blocks(img, txt):
-            img, txt = self._chained_blocks(img, txt, temb, rope, mask)
+        masks = self.block_masks(mask)
+        if self._calls_blocks_directly():
+            mods = [block.modulation(temb) for block in self.transformer_blocks]
+            img, txt = self.run_blocks(img, txt, mods, rope, masks)
         else:
-            for block, block_mask in zip(self.transformer_blocks, self.block_masks(mask)):
+            for block, block_mask in zip(self.transformer_blocks, masks):
                 if torch.is_grad_enabled() and self.gradient_checkpointing:
                     img, txt = checkpoint(block, img, txt, temb, rope, block_mask, use_reentrant=False)
                 else:
                     img, txt = block(img, txt, temb, rope, block_mask)
-        out = self.proj_out(self.norm_out(img, temb))
+        out = self.project_output(img, self.norm_out.modulation(temb, img.dtype))
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)

@@ -22,8 +22,10 @@ Backends and how each keeps text padding free and NaN-free:
   masked paths with known NaN cases (cuDNN with a mask at L = 64 mod 128; masked
   efficient-attention rows whose keys are mostly masked), at the price of one host sync
   per new mask (cached per mask object and version, so a 48-block forward syncs once).
-  Under ``torch.compile`` the sync is impossible: there a [B, 1, 1, L] boolean key mask
-  is broadcast (never [L, L]) with cuDNN excluded.
+  Under ``torch.compile`` and while a CUDA graph is being captured the sync is impossible:
+  there a [B, 1, 1, L] boolean key mask is broadcast (never [L, L]) with cuDNN excluded
+  (same result). A masked ``flash_attn`` call (its packing syncs too) takes that path
+  during a capture as well.
 - ``torch``: the math reference ``joint_attention_ref`` (fp32 softmax, -inf on padding).
 
 Selection: argument ``backend`` > ``LENS_FAST_ATTENTION`` (flash_attn|sdpa|triton|torch,
@@ -171,11 +173,16 @@ def _key_runs(txt_mask: torch.Tensor, n_img: int) -> List[Tuple[int, int, Keys]]
     return plan
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device (no host sync allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _attn_sdpa(q, k, v, txt_mask, n_img):
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D] views, no copies
     if txt_mask is None:
         return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).contiguous()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _capturing(q):
         keep = key_valid_mask(txt_mask, n_img)[:, None, None, :]
         with sdpa_kernel(_MASKED_SDPA_BACKENDS):
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep)
@@ -374,6 +381,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    _concrete_head_dim(q.shape[-1]), txt_mask is not None, backend)
     else:
         name = select_backend(q, k, v, txt_mask, backend)
+        if name == "flash_attn" and txt_mask is not None and _capturing(q):
+            name = "sdpa"
     return _IMPLS[name](q, k, v, txt_mask, n_img)
 
 
