@@ -4,7 +4,9 @@ on the host for every op call when it is not replayed from a CUDA graph.
 
 Cases (tiny tensors, so the numbers are the fixed per-call cost; median of ``--repeats``
 timed batches of ``--calls`` calls each, with p20-p80):
-- ``select <op>``: the backend decision alone, auto and with ``LENS_FAST_BACKEND=torch``;
+- ``select <op>``: the backend decision alone, auto and with ``LENS_FAST_BACKEND=torch`` or
+  ``triton`` (the Triton interpreter: the CPU stand-in for a kernel path, where every
+  candidate backend's rules are checked);
 - ``attention select``: the joint-attention backend decision;
 - ``entry <op>`` vs ``reference <op>``: the public entry point the model calls (on CPU
   tensors it runs the reference) against calling the reference directly; the difference
@@ -33,12 +35,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
+from lens_fast.models.embeddings import rope_table  # noqa: E402
 from lens_fast.models.transformer import LensTransformerBlock  # noqa: E402
 from lens_fast.ops import attention as A  # noqa: E402
-from lens_fast.ops import dispatch, fused  # noqa: E402
+from lens_fast.ops import dispatch  # noqa: E402
 from lens_fast.ops import norm_modulate as NM  # noqa: E402
-from lens_fast.ops import reference as R  # noqa: E402
-
+from lens_fast.ops.norm_modulate import rms_norm_modulate, rms_norm_modulate_ref  # noqa: E402
+from lens_fast.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref  # noqa: E402
+from lens_fast.ops.swiglu import silu_mul_ref, swiglu  # noqa: E402
 B, L, C, H, D = 2, 8, 64, 2, 32
 
 
@@ -65,7 +69,7 @@ def norm_inputs():
 def qk_inputs():
     img, txt = torch.randn(B, L, 3 * H * D), torch.randn(B, 5, 3 * H * D)
     ws = [torch.rand(D) + 0.5 for _ in range(4)]
-    return img, txt, ws, R.rope_table_ref(2, 4, 5, (8, 12, 12))
+    return img, txt, ws, rope_table(2, 4, 5, (8, 12, 12))
 
 
 def cases():
@@ -79,16 +83,18 @@ def cases():
                                                                      scale)
     yield "select rms_norm_modulate", "torch", lambda: dispatch.select("rms_norm_modulate", x, None, None, w,
                                                                         shift, scale)
+    yield "select rms_norm_modulate", "triton", lambda: dispatch.select("rms_norm_modulate", x, None, None, w,
+                                                                         shift, scale)
     yield "select qk_norm_rope", None, lambda: dispatch.select("qk_norm_rope", img, txt, H, *ws)
     yield "select swiglu", None, lambda: dispatch.select("swiglu", h)
     yield "attention select", None, lambda: A.select_backend(q, q, q, mask)
-    yield "reference rms_norm_modulate", None, lambda: R.rms_norm_modulate_ref(x, w, shift, scale, 1e-6)
-    yield "entry rms_norm_modulate", None, lambda: fused.rms_norm_modulate(x, w, shift, scale, 1e-6)
+    yield "reference rms_norm_modulate", None, lambda: rms_norm_modulate_ref(x, w, shift, scale, 1e-6)
+    yield "entry rms_norm_modulate", None, lambda: rms_norm_modulate(x, w, shift, scale, 1e-6)
     yield "custom op rms_norm_modulate", None, lambda: NM.rms_norm_modulate_op(x, w, shift, scale, 1e-6)
-    yield "reference qk_norm_rope", None, lambda: R.qk_norm_rope_ref(img, txt, H, *ws, rope, 1e-6)
-    yield "entry qk_norm_rope", None, lambda: fused.qk_norm_rope(img, txt, H, *ws, rope, 1e-6)
-    yield "reference swiglu", None, lambda: R.silu_mul_ref(*h.chunk(2, dim=-1))
-    yield "entry swiglu", None, lambda: fused.swiglu(h)
+    yield "reference qk_norm_rope", None, lambda: qk_norm_rope_ref(img, txt, H, *ws, rope, 1e-6)
+    yield "entry qk_norm_rope", None, lambda: qk_norm_rope(img, txt, H, *ws, rope, 1e-6)
+    yield "reference swiglu", None, lambda: silu_mul_ref(*h.chunk(2, dim=-1))
+    yield "entry swiglu", None, lambda: swiglu(h)
     block, args = small_block()
     yield "block fwd", None, lambda: block(*args)
 
@@ -98,7 +104,7 @@ def small_block():
     block = LensTransformerBlock(C, H, D, True, True).eval()
     n, s = 8, 5
     img, txt, temb = torch.randn(B, n, C), torch.randn(B, s, C), torch.randn(B, C)
-    rope = R.rope_table_ref(2, 4, s, (8, 12, 12))
+    rope = rope_table(2, 4, s, (8, 12, 12))
     mask = torch.ones(B, s, dtype=torch.bool)
     mask[-1, 3:] = False
     return block, (img, txt, temb, rope, mask)

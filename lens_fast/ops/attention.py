@@ -40,6 +40,7 @@ interpreter is a test vehicle, used only when named).
 """
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -49,7 +50,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import dispatch, optional
-from .reference import joint_attention_ref
 
 __all__ = ["joint_attention", "joint_attention_ref", "select_backend", "pack_valid_keys",
            "key_valid_mask", "PackedKeys", "BACKENDS", "ATTENTION_ENV"]
@@ -66,6 +66,24 @@ def _kernels():
     imports triton, and TRITON_INTERPRET set by a test still applies)."""
     from lens_fast.kernels import flash_attention
     return flash_attention
+
+
+# ----------------------------------------------------------------------------- reference
+
+def joint_attention_ref(q, k, v, txt_mask: Optional[torch.Tensor], n_img: int,
+                        upcast: bool = True) -> torch.Tensor:
+    """Math reference of the joint attention: [B, L, H, D] in and out; padded text keys
+    (mask False) get -inf; image keys are always valid."""
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(q.shape[-1])
+    if txt_mask is not None:
+        keep = torch.cat([torch.ones(txt_mask.shape[0], n_img, dtype=torch.bool, device=q.device),
+                          txt_mask.bool()], 1)
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.einsum("bhlm,bmhd->blhd", probs, v).to(dtype)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -251,38 +269,39 @@ def _flash_available() -> bool:
     return torch.cuda.is_available() and optional.flash_attn_func() is not None
 
 
-def _flash_supports(q, k, v, txt_mask=None, auto=False, compiling=False) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 \
-        and q.shape[-1] <= 256
+def _flash_accepts(device_type, dtype, head_dim, **_info) -> bool:
+    return device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 \
+        and head_dim <= 256
 
 
-def _triton_supports(q, k, v, txt_mask=None, auto=False, compiling=False) -> bool:
-    tensors = [t for t in (q, k, v, txt_mask) if t is not None]
-    if not dispatch.triton_supports(*tensors):
+def _triton_accepts(device_type, dtype, head_dim, masked=False, auto=False, compiling=False) -> bool:
+    if not dispatch.triton_accepts(device_type):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] not in TRITON_HEAD_DIMS:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or head_dim not in TRITON_HEAD_DIMS:
         return False
     if not auto:
         return True
     # Auto never picks the CPU interpreter nor fp32 (SDPA's job). It leaves eager runs to
     # SDPA (faster on H200 in bench/attention.py, masked or not), but takes compiled masked
     # runs, where SDPA could only use a broadcast mask over the padding.
-    if not q.is_cuda or q.dtype == torch.float32:
+    if device_type != "cuda" or dtype == torch.float32:
         return False
-    return compiling and txt_mask is not None
+    return compiling and masked
 
 
-def _sdpa_supports(q, k, v, txt_mask=None, auto=False, compiling=False) -> bool:
-    return q.is_floating_point()
+def _sdpa_accepts(device_type, dtype, **_info) -> bool:
+    return dtype.is_floating_point
 
 
 _AVAILABLE = {"flash_attn": _flash_available, "triton": optional.triton_usable,
               "sdpa": lambda: True, "torch": lambda: True}
-_SUPPORTS = {"flash_attn": _flash_supports, "triton": _triton_supports,
-             "sdpa": _sdpa_supports, "torch": lambda *a, **k: True}
-# Registration order is the auto preference order (see the module docstring).
+_ACCEPTS = {"flash_attn": _flash_accepts, "triton": _triton_accepts, "sdpa": _sdpa_accepts,
+            "torch": lambda *a, **k: True}
+# Registration order is the auto preference order (see the module docstring). Every rule
+# depends on (device type, dtype, head dim, mask or not, auto, compiling) alone: the
+# decision is cached whole.
 for _name in ("flash_attn", "triton", "sdpa", "torch"):
-    dispatch.register(OP, _name, available=_AVAILABLE[_name], supports=_SUPPORTS[_name])
+    dispatch.register(OP, _name, available=_AVAILABLE[_name], accepts=_ACCEPTS[_name])
 
 
 def _why_unavailable(name: str) -> str:
@@ -302,16 +321,16 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if name is None:
         source, name = ATTENTION_ENV, os.environ.get(ATTENTION_ENV, "")
     name = name.strip().lower()
+    info = dict(head_dim=q.shape[-1], masked=txt_mask is not None, compiling=compiling)
     if name in ("", "auto"):
-        return dispatch.select(OP, q, k, v, txt_mask, auto=dispatch.forced_backend() is None,
-                               compiling=compiling)
+        return dispatch.select(OP, q, k, v, txt_mask, **info)
     if name not in BACKENDS:
         raise ValueError(f"{source}={name!r} is not an attention backend; expected one of "
                          f"{', '.join(BACKENDS)} or auto")
     if not _AVAILABLE[name]():
         raise dispatch.BackendUnavailableError(
             f"{source}={name} but that backend is unavailable here ({_why_unavailable(name)})")
-    if not _SUPPORTS[name](q, k, v, txt_mask, auto=False):
+    if not _ACCEPTS[name](q.device.type, q.dtype, auto=False, **info):
         raise dispatch.BackendUnavailableError(
             f"{source}={name} does not support {q.device.type} {q.dtype} inputs with head_dim "
             f"{q.shape[-1]}" + (f" (triton head dims: {TRITON_HEAD_DIMS}; CPU needs "
