@@ -10,7 +10,8 @@ the first backend that passes all three.
 
 The first two rules are evaluated once per (op, device type, dtype, info,
 ``LENS_FAST_BACKEND``) and the result is cached as a short plan: the backends that remain,
-cut after the first one without a ``fits`` rule. A call then costs reading
+cut after the first one without a ``fits`` rule (just that backend's name when it comes
+first). A call then costs reading
 ``LENS_FAST_BACKEND`` and a dictionary lookup, plus the ``fits`` rules of the plan (none on
 the CPU, one or two on a GPU). The cache is dropped when ``LENS_FAST_BACKEND`` changes and
 when a backend is registered; ``clear_cache()`` drops it by hand (e.g. after changing
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -60,7 +61,7 @@ class Backend(NamedTuple):
 
 
 _OPS: Dict[str, List[Backend]] = {}
-_PLANS: Dict[tuple, Tuple[Backend, ...]] = {}
+_PLANS: Dict[tuple, Union[str, Tuple[Backend, ...]]] = {}  # a name: no per-call rule left
 _ENV: List[Optional[str]] = ["unread"]
 _LOGGED: set = set()
 
@@ -108,8 +109,9 @@ def family_available(family: str) -> bool:
     raise ValueError(f"unknown backend family {family!r}")
 
 
-def _plan(op: str, device_type: str, dtype, info: dict) -> Tuple[Backend, ...]:
-    """The backends worth trying, in order, for these static properties (module docstring)."""
+def _plan(op: str, device_type: str, dtype, info: dict, env: Optional[str], tensors):
+    """The backends worth trying, in order, for these static properties (module docstring);
+    just the backend's name when the first of them has no per-call rule."""
     if op not in _OPS:
         raise KeyError(f"no op named {op!r}; registered ops: {sorted(_OPS)}")
     forced = forced_backend()
@@ -127,6 +129,9 @@ def _plan(op: str, device_type: str, dtype, info: dict) -> Tuple[Backend, ...]:
             if b.available() and b.accepts(device_type, dtype, auto=forced is None, **info):
                 plan.append(b)
                 if b.fits is None:
+                    if len(plan) == 1:
+                        _log_choice(op, b.name, env, tensors)
+                        return b.name
                     return tuple(plan)
     return tuple(plan)
 
@@ -141,12 +146,15 @@ def select(op: str, *tensors, **info) -> str:
     device_type, dtype = "none", None
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            device_type, dtype = t.device.type, t.dtype
+            device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+            dtype = t.dtype
             break
     key = (op, device_type, dtype, *info.items())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan(op, device_type, dtype, info)
+        plan = _PLANS[key] = _plan(op, device_type, dtype, info, env, tensors)
+    if plan.__class__ is str:
+        return plan
     for b in plan:
         if b.fits is None or b.fits(*tensors, **info):
             if (op, b.name, env) not in _LOGGED:  # the message is built only when logged
