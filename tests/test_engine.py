@@ -135,6 +135,35 @@ def test_bucketing_does_not_change_results_fp32_and_matches_reference():
     assert _rel(wrong, reference) > 1e-3
 
 
+def _attention_calls(monkeypatch):
+    """(txt_mask given, txt_len given) of every attention call the model makes."""
+    import lens_fast.models.transformer as T
+    calls, real = [], T.joint_attention
+
+    def spy(q, k, v, txt_mask=None, **kw):
+        calls.append((txt_mask is not None, kw.get("txt_len") is not None))
+        return real(q, k, v, txt_mask, **kw)
+    monkeypatch.setattr(T, "joint_attention", spy)
+    return calls
+
+
+def test_engine_attention_takes_key_limits_not_dense_masks(monkeypatch):
+    """Prefix masks (the usual case) reach attention as per-row key limits in every block;
+    a reference mask with a hole stays a mask, in the first block only. Same numbers."""
+    pipe = _tiny_pipe()
+    holes = _prompts()
+    holes["prompt_mask"][0, 5] = False
+    reference = {"prefix": _run(pipe), "holes": _run(pipe, **holes)}
+    calls = _attention_calls(monkeypatch)
+    enable_fast_path(pipe)
+    blocks = len(pipe.transformer.transformer_blocks)
+    assert _rel(_run(pipe, steps=3), reference["prefix"]) <= 1e-5
+    assert calls == [(False, True)] * blocks * 3
+    calls.clear()
+    assert _rel(_run(pipe, **holes), reference["holes"]) <= 1e-5
+    assert calls == ([(True, False)] + [(False, True)] * (blocks - 1)) * 3
+
+
 def test_fast_path_matches_reference_bf16_with_and_without_cfg():
     truth_pipe = _tiny_pipe(torch.float32)
     pipe = _tiny_pipe(torch.bfloat16)

@@ -30,12 +30,13 @@ def default_compile_mode(device: torch.device) -> Optional[str]:
 class FastDenoiser:
     """Runs ``LensTransformer2DModel`` from precomputed step constants.
 
-    ``forward(x, txt, rope, text_mask, text_valid, mods, out_mods)``: x [B, N, C_in] image
-    tokens in the model dtype, txt [B, S, dim] the projected text stream, rope the joint
-    table [N + S, D/2, 2], text_mask [B, S] bool the reference mask with bucket padding
-    off (for the blocks the model masks, ``block_masks``), text_valid [B, S] bool the
-    bucket padding alone (the other blocks), mods [L, 12, B, dim], out_mods [2, B, dim]
-    (scale, shift). Returns [B, N, C_out].
+    ``forward(x, txt, rope, text_mask, ref_len, open_len, mods, out_mods)``: x [B, N, C_in]
+    image tokens in the model dtype, txt [B, S, dim] the projected text stream, rope the
+    joint table [N + S, D/2, 2]; for the blocks the model masks (``block_masks``) the
+    reference mask with bucket padding off, as per-row key limits ``ref_len`` [B] int32 or,
+    when that is None (a row with holes), as the mask ``text_mask`` [B, S] bool; for the other
+    blocks the bucket padding alone, as key limits ``open_len`` [B] (no mask); mods
+    [L, 12, B, dim], out_mods [2, B, dim] (scale, shift). Returns [B, N, C_out].
     """
 
     def __init__(self, model, compile: bool = False, compile_mode: Optional[str] = None):
@@ -46,11 +47,16 @@ class FastDenoiser:
             recompile_limit_at_least(64)
             self.block_body = torch.compile(LensTransformerBlock.body, mode=compile_mode, dynamic=False)
 
-    def forward(self, x, txt, rope, text_mask, text_valid, mods, out_mods):
+    def forward(self, x, txt, rope, text_mask, ref_len, open_len, mods, out_mods):
         model = self.model
-        masks = [text_valid if m is None else text_mask for m in model.block_masks(text_mask)]
+        masks, lengths = [], []
+        for reference in model.block_masks(text_mask):
+            masked = reference is not None and ref_len is None
+            masks.append(text_mask if masked else None)
+            lengths.append(None if masked else open_len if reference is None else ref_len)
         block_mods = [BlockModulation.from_rows(rows) for rows in mods]
-        img, _ = model.run_blocks(model.img_in(x), txt, block_mods, rope, masks, body=self.block_body)
+        img, _ = model.run_blocks(model.img_in(x), txt, block_mods, rope, masks, body=self.block_body,
+                                  lengths=lengths)
         return model.project_output(img, tuple(out_mods.unbind(0)))
 
     def __call__(self, *args):

@@ -2,7 +2,9 @@
 denoise loop and decode (same arguments, same numbers within bf16 noise).
 
 Per call, before the loop: the text stream is embedded once (the model's ``embed_text``)
-and padded to a multiple of ``text_bucket`` (masks per ``schedule.bucket_text``), the
+and padded to a multiple of ``text_bucket`` (masks per ``schedule.bucket_text``, turned
+into per-row key limits by ``schedule.key_limits``: no dense mask reaches attention where
+the masks are prefixes, the usual case), the
 RoPE table and the schedule's tables (the model's ``modulations`` for every step, dt)
 are built or fetched from a cache. Each step then is one ``_step`` on static buffers:
 denoiser forward over [cond ; uncond], CFG combine and Euler update on the device,
@@ -27,7 +29,7 @@ from ..images import decoded_to_output
 from ..sampling import cfg_combine
 from .denoiser import FastDenoiser, default_compile_mode
 from .graphs import GraphPool
-from .schedule import StepTables, bucket_text, build_step_tables
+from .schedule import StepTables, bucket_text, build_step_tables, key_limits
 from .vae_decode import FastDecoder
 
 
@@ -39,7 +41,8 @@ class StepBuffers:
     noise_pred: torch.Tensor   # [B, N, C]   model dtype
     txt: torch.Tensor          # [Bt, S_b, dim]
     text_mask: torch.Tensor    # [Bt, S_b] bool: reference mask AND bucket-valid
-    text_valid: torch.Tensor   # [Bt, S_b] bool: bucket-valid
+    ref_len: Optional[torch.Tensor]  # [Bt] int32: its per-row length (None: a row has holes)
+    open_len: torch.Tensor     # [Bt] int32: the bucket-valid length (blocks without a reference mask)
     rope: torch.Tensor         # [N + S_b, D/2, 2] float32
     mods: torch.Tensor         # [L, 12, Bt, dim]
     out_mods: torch.Tensor     # [2, Bt, dim]
@@ -105,11 +108,12 @@ class LensEngine:
         self._runners.clear()
         self._graph_pool = GraphPool()
 
-    def _runner(self, grid, batch: int, cfg: bool, txt_len: int, latent_dtype) -> _Runner:
+    def _runner(self, grid, batch: int, cfg: bool, txt_len: int, latent_dtype, prefix: bool) -> _Runner:
+        """``prefix``: the reference mask is a per-row prefix (passed as lengths, no mask)."""
         model = self.pipe.transformer
         h, w = grid
         bt = 2 * batch if cfg else batch
-        key = (h, w, batch, cfg, txt_len, latent_dtype, model.dtype, model.device)
+        key = (h, w, batch, cfg, txt_len, latent_dtype, prefix, model.dtype, model.device)
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
@@ -120,7 +124,8 @@ class LensEngine:
             noise_pred=torch.zeros(batch, n, model.config.patch_size ** 2 * model.out_channels, device=dev, dtype=dt),
             txt=torch.zeros(bt, txt_len, dim, device=dev, dtype=dt),
             text_mask=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
-            text_valid=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
+            ref_len=torch.zeros(bt, device=dev, dtype=torch.int32) if prefix else None,
+            open_len=torch.zeros(bt, device=dev, dtype=torch.int32),
             rope=model.rope_table(h, w, txt_len, dev).clone(),
             mods=torch.zeros(len(model.transformer_blocks), 12, bt, dim, device=dev, dtype=dt),
             out_mods=torch.zeros(2, bt, dim, device=dev, dtype=dt),
@@ -137,7 +142,8 @@ class LensEngine:
         """One sampling step on static buffers; no host synchronisation."""
         x = buf.latents.to(self.pipe.transformer.dtype)
         x_in = torch.cat([x, x], 0) if buf.cfg else x
-        out = self.denoiser(x_in, buf.txt, buf.rope, buf.text_mask, buf.text_valid, buf.mods, buf.out_mods)
+        out = self.denoiser(x_in, buf.txt, buf.rope, buf.text_mask, buf.ref_len, buf.open_len, buf.mods,
+                            buf.out_mods)
         v = cfg_combine(out[:x.shape[0]], out[x.shape[0]:], buf.guidance) if buf.cfg else out
         buf.noise_pred.copy_(v)
         # The reference's scheduler step: float32 sample + (0-dim float32 dt) * v, cast back.
@@ -166,13 +172,16 @@ class LensEngine:
             raise ValueError(f"latents have {latents.shape[1]} tokens; expected h*w = {h}*{w} = {h * w}")
         tables = self.tables(num_inference_steps, h * w, mu)
         txt, text_mask, text_valid = bucket_text(model.embed_text(feats), mask.to(model.device), self.text_bucket)
+        ref_len, open_len = key_limits(text_mask, text_valid)
         latent_dtype = torch.float32 if self.keep_fp32_latents else model.dtype
-        runner = self._runner(grid, batch, cfg, txt.shape[1], latent_dtype)
+        runner = self._runner(grid, batch, cfg, txt.shape[1], latent_dtype, ref_len is not None)
         buf = runner.buffers
         buf.latents.copy_(latents)
         buf.txt.copy_(txt)
         buf.text_mask.copy_(text_mask)
-        buf.text_valid.copy_(text_valid)
+        if ref_len is not None:
+            buf.ref_len.copy_(ref_len)
+        buf.open_len.copy_(open_len)
         buf.guidance.fill_(float(guidance_scale))
         self._load_step(buf, tables, 0)
         if self.cuda_graphs and runner.graph is None:

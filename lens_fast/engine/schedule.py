@@ -20,6 +20,13 @@ must be invisible in EVERY block. ``bucket_text`` gives two masks and the model'
 Queries at bucket-pad positions compute finite garbage that no real token ever reads
 (every per-token op — norms, MLP, projections — is row-local), so results equal the
 unbucketed run up to floating-point reduction order.
+
+No dense masks where the reference has none. Both masks are prefixes of every row in the
+usual case (right-padded prompts, an empty negative prompt: length 0; bucket padding at the
+end), so ``key_limits`` turns them into per-row key limits [B], which attention takes
+without any mask (``joint_attention(txt_len=...)``: SDPA slices the keys, the Triton kernel
+bounds its key loop). Only a reference mask with holes stays a dense mask (block 0 only,
+unless ``mask_every_block``).
 """
 from __future__ import annotations
 
@@ -75,6 +82,15 @@ def bucket_length(text_len: int, text_bucket: Optional[int]) -> int:
     if not isinstance(text_bucket, int) or isinstance(text_bucket, bool) or text_bucket < 1:
         raise ValueError(f"text_bucket={text_bucket!r}: expected a positive integer or None")
     return max(text_bucket, -(-text_len // text_bucket) * text_bucket)
+
+
+def key_limits(text_mask: torch.Tensor, text_valid: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """``bucket_text``'s two masks as per-row key limits, int32 [B]: (the reference mask's
+    lengths, or None when a row has a hole, so it stays a mask; the bucket-valid lengths,
+    always a prefix). One host synchronisation (the prefix check), before the loop."""
+    ref_len = text_mask.sum(1, dtype=torch.int32)
+    prefix = torch.arange(text_mask.shape[1], device=text_mask.device) < ref_len[:, None]
+    return (ref_len if bool(torch.equal(prefix, text_mask)) else None), text_valid.sum(1, dtype=torch.int32)
 
 
 def bucket_text(txt: torch.Tensor, mask: torch.Tensor, text_bucket: Optional[int]

@@ -77,7 +77,9 @@ class LensJointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
         self.to_add_out = nn.Linear(inner, dim)
 
-    def forward(self, img, txt, rope, txt_mask):
+    def forward(self, img, txt, rope, txt_mask, txt_len=None):
+        """``txt_mask`` [B, S] bool, or ``txt_len`` [B] (per-row count of leading valid text
+        keys: the same as a prefix mask, with no mask), or neither (see ``joint_attention``)."""
         n = img.shape[1]
         q, k, v = qk_norm_rope(self.img_qkv(img), self.txt_qkv(txt), self.heads,
                                      self.norm_q.weight, self.norm_k.weight,
@@ -88,7 +90,7 @@ class LensJointAttention(nn.Module):
             # the float32 RoPE give float32 q, k; autocast's SDPA would run all three in the
             # autocast dtype, so do the same (without autocast the dtypes already agree).
             q, k = q.to(v.dtype), k.to(v.dtype)
-        out = joint_attention(q, k, v, txt_mask, n_img=n).flatten(2).to(q.dtype)
+        out = joint_attention(q, k, v, txt_mask, n_img=n, txt_len=txt_len).flatten(2).to(q.dtype)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
 
@@ -128,11 +130,11 @@ class LensTransformerBlock(nn.Module):
         (i_sh1, i_sc1, *_), (t_sh1, t_sc1, *_) = mods
         return self._norm_mod(self.img_norm1, img, i_sh1, i_sc1), self._norm_mod(self.txt_norm1, txt, t_sh1, t_sc1)
 
-    def body(self, img, txt, img_in, txt_in, mods, rope, txt_mask):
+    def body(self, img, txt, img_in, txt_in, mods, rope, txt_mask, txt_len=None):
         """Attention, its gated residual fused with norm2, the MLPs. Returns the streams and
         the MLP outputs whose gated residual is still to be added."""
         (_, _, i_g1, i_sh2, i_sc2, _), (_, _, t_g1, t_sh2, t_sc2, _) = mods
-        img_attn, txt_attn = self.attn(img_in, txt_in, rope, txt_mask)
+        img_attn, txt_attn = self.attn(img_in, txt_in, rope, txt_mask, txt_len)
         img, img_h = self._residual_norm_mod(self.img_norm2, img, img_attn, i_g1, i_sh2, i_sc2)
         txt, txt_h = self._residual_norm_mod(self.txt_norm2, txt, txt_attn, t_g1, t_sh2, t_sc2)
         return img, txt, self.img_mlp(img_h), self.txt_mlp(txt_h)
@@ -279,13 +281,14 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
                               self.norm_out.modulation(temb, dtype))
 
     def run_blocks(self, img, txt, mods: Sequence[BlockModulation], rope, masks: Sequence[Optional[torch.Tensor]],
-                   body: Optional[Callable] = None):
+                   body: Optional[Callable] = None, lengths: Optional[Sequence[Optional[torch.Tensor]]] = None):
         """All blocks on (img, txt) with their modulations passed in, calling the block
         methods directly (so only for plain blocks; ``forward`` checks). Outside float16
         (whose per-block clamp sits in between) block i's MLP residual is fused with block
         i+1's norm1 (``exit_into``): the same math as calling the blocks in turn, one read of
         each stream fewer per block. ``body`` replaces ``LensTransformerBlock.body`` (called
-        as ``body(block, ...)``), e.g. by a compiled version of it (the engine)."""
+        as ``body(block, ...)``), e.g. by a compiled version of it (the engine). ``lengths``:
+        per block, text key limits [B] in place of (or beside a None in) ``masks``."""
         blocks = list(self.transformer_blocks)
         if not blocks:
             return img, txt
@@ -293,7 +296,8 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         chain = torch.float16 not in (img.dtype, txt.dtype)
         img_in, txt_in = blocks[0].entry(img, txt, mods[0])
         for i, block in enumerate(blocks):
-            img, txt, img_mlp, txt_mlp = body(block, img, txt, img_in, txt_in, mods[i], rope, masks[i])
+            txt_len = None if lengths is None else lengths[i]
+            img, txt, img_mlp, txt_mlp = body(block, img, txt, img_in, txt_in, mods[i], rope, masks[i], txt_len)
             if i + 1 == len(blocks):
                 return block.exit(img, txt, img_mlp, txt_mlp, mods[i])
             if chain:

@@ -4,18 +4,18 @@ Each op registers the backends it implements (``cuda``, ``triton``, ``torch`` an
 attention, ``flash_attn`` / ``sdpa``) in its preference order, each with three rules:
 ``available()`` (can it run in this process: imports, devices), ``accepts(device_type,
 dtype, auto, **info)`` (a rule on the first tensor's device type and dtype, whether the
-choice is automatic, and the op's keyword ``info``) and optionally ``fits(*tensors, **info)`` (what varies per call: alignment, row
-width, head dim, every input's dtype and device). ``select(op, *tensors, **info)`` returns
-the first backend that passes all three.
+choice is automatic, and the op's keyword ``info``) and optionally ``fits(*tensors,
+**info)`` (what varies per call: alignment, row width, head dim, every input's dtype and
+device). ``select(op, *tensors, **info)`` returns the first backend that passes all three.
 
 The first two rules are evaluated once per (op, device type, dtype, info,
 ``LENS_FAST_BACKEND``) and the result is cached as a short plan: the backends that remain,
 cut after the first one without a ``fits`` rule (just that backend's name when it comes
-first). A call then costs reading
-``LENS_FAST_BACKEND`` and a dictionary lookup, plus the ``fits`` rules of the plan (none on
-the CPU, one or two on a GPU). The cache is dropped when ``LENS_FAST_BACKEND`` changes and
-when a backend is registered; ``clear_cache()`` drops it by hand (e.g. after changing
-``TRITON_INTERPRET``, which Triton itself reads once, when the kernels are imported).
+first). A call then costs reading ``LENS_FAST_BACKEND`` and a dictionary lookup, plus the
+``fits`` rules of the plan (none on the CPU, one or two on a GPU). The cache is dropped
+when ``LENS_FAST_BACKEND`` changes and when a backend is registered; ``clear_cache()``
+drops it by hand (e.g. after changing ``TRITON_INTERPRET``, which Triton itself reads
+once, when the kernels are imported).
 
 Each entry point decides once per call (``entry_backend``) and hands the decision to its
 custom op; only under ``torch.compile``, which must not trace the decision, does the custom
