@@ -408,6 +408,22 @@ def test_pipeline_benchmark_runs_end_to_end_tiny(tmp_path):
     assert "lens_fast" in proc.stdout and "denoise" in proc.stdout
 
 
+def test_profile_step_dry_run_classifies_the_step(tmp_path):
+    """bench/profile_step.py on the CPU: the engine's step profiled, every operator in a class,
+    GEMM and attention present with their FLOP rates, the markdown table beside the JSON."""
+    out = tmp_path / "profile_step.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--dry-run", "--out",
+                           str(out)], capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["config"]["text_bucket"] == 64 and r["config"]["batch"] == 2
+    assert abs(sum(r["shares"].values()) - 1) < 1e-6 and r["class_ms"]["gemm"] > 0 and r["class_ms"]["attention"] > 0
+    assert r["tflops"]["gemm"] > 0 and r["tflops"]["attention"] > 0
+    assert {k["cls"] for k in r["kernels"]} <= {"gemm", "attention", "norm/elementwise", "other"}
+    assert any("scaled_dot_product" in k["name"] and k["cls"] == "attention" for k in r["kernels"])
+    assert "| gemm |" in (tmp_path / "profile_step.md").read_text()
+
+
 # -- CUDA graphs (GPU only) ---------------------------------------------------------------------
 
 @pytest.mark.cuda

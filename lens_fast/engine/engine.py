@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -157,9 +157,12 @@ class LensEngine:
 
     # -- the loop (what LensPipeline.denoise runs when the engine is on) -------------------
     @torch.no_grad()
-    def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
-                guidance_scale: float, callback_on_step_end=None,
-                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None, mu=None):
+    def prepare(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
+                guidance_scale: float, mu=None) -> Tuple[Callable[[], None], StepBuffers, StepTables]:
+        """Everything before the loop: the checks, the step tables, the text stream and its
+        key limits, the runner's buffers loaded with step 0's constants, on CUDA the graph.
+        Returns ``(run, buffers, tables)``: ``run()`` is one step on the buffers (a graph
+        replay when captured); ``denoise`` loads step i's constants before each."""
         model = self.pipe.transformer
         h, w = grid
         batch = latents.shape[0]
@@ -188,6 +191,13 @@ class LensEngine:
             runner.graph = self._graph_pool.capture(lambda: self._step(buf), [buf.latents, buf.noise_pred])
             self.graph_captures += 1
         run = runner.graph.replay if runner.graph is not None else (lambda: self._step(buf))
+        return run, buf, tables
+
+    @torch.no_grad()
+    def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
+                guidance_scale: float, callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None, mu=None):
+        run, buf, tables = self.prepare(latents, feats, mask, grid, num_inference_steps, guidance_scale, mu)
         bar = tqdm(total=num_inference_steps, **{"disable": False, "leave": False, **self.pipe._progress})
         for i in range(num_inference_steps):
             if i:
@@ -197,7 +207,7 @@ class LensEngine:
                 self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, buf, tables, i, extra)
             bar.update()
         bar.close()
-        return buf.latents.to(model.dtype, copy=True)
+        return buf.latents.to(self.pipe.transformer.dtype, copy=True)
 
     def _callback(self, fn, names, buf: StepBuffers, tables: StepTables, i: int, extra) -> None:
         available = {"latents": buf.latents.to(self.pipe.transformer.dtype, copy=True),
