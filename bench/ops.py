@@ -209,12 +209,12 @@ def reference_block(block, img, txt, temb, rope, mask):
     xi = rms_norm_modulate_ref(img, block.img_norm1.weight, i_sh1, i_sc1, eps)
     xt = rms_norm_modulate_ref(txt, block.txt_norm1.weight, t_sh1, t_sc1, eps)
     q, k, v = qk_norm_rope_ref(attn.img_qkv(xi), attn.txt_qkv(xt), attn.heads, attn.norm_q.weight,
-                                 attn.norm_k.weight, attn.norm_added_q.weight, attn.norm_added_k.weight, rope, eps)
+                               attn.norm_k.weight, attn.norm_added_q.weight, attn.norm_added_k.weight, rope, eps)
     out = joint_attention(q, k, v, mask, n_img=n, backend="sdpa").flatten(2).to(q.dtype)
     img, hi = gated_residual_rms_norm_modulate_ref(img, attn.to_out[0](out[:, :n]), i_g1, block.img_norm2.weight,
-                                                     i_sh2, i_sc2, eps)
+                                                   i_sh2, i_sc2, eps)
     txt, ht = gated_residual_rms_norm_modulate_ref(txt, attn.to_add_out(out[:, n:]), t_g1, block.txt_norm2.weight,
-                                                     t_sh2, t_sc2, eps)
+                                                   t_sh2, t_sc2, eps)
     mi, mt = block.img_mlp, block.txt_mlp
     img = img + i_g2.unsqueeze(1) * mi.w2(silu_mul_ref(mi.w1(hi), mi.w3(hi)))
     txt = txt + t_g2.unsqueeze(1) * mt.w2(silu_mul_ref(mt.w1(ht), mt.w3(ht)))

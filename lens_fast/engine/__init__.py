@@ -3,8 +3,9 @@
 ``enable_fast_path(pipe, ...)`` switches a ``LensPipeline`` to the engine (same
 ``__call__`` arguments, results equal to the reference path within bf16 noise, fp32 to
 ~1e-6): fused ops and joint attention (whatever ``lens_fast.ops`` dispatch picks),
-compiled blocks with static shapes, text length bucketed to multiples of 64 (masked so
-results do not change), per-step constants precomputed for the schedule, a CUDA graph
+compiled blocks with static shapes, text length bucketed to multiples of 64 (the padding
+hidden from attention by per-row key limits, not masks, so results do not change),
+per-step constants precomputed for the schedule, a CUDA graph
 per (resolution, batch, text bucket) replayed for every step, CFG and Euler on the
 device, a prompt-embedding cache, and a tiled, compiled, channels_last VAE decode.
 ``enable_text_encoder_offload(pipe, mode)`` keeps the text encoder off the GPU between

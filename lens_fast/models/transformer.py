@@ -82,9 +82,9 @@ class LensJointAttention(nn.Module):
         keys: the same as a prefix mask, with no mask), or neither (see ``joint_attention``)."""
         n = img.shape[1]
         q, k, v = qk_norm_rope(self.img_qkv(img), self.txt_qkv(txt), self.heads,
-                                     self.norm_q.weight, self.norm_k.weight,
-                                     self.norm_added_q.weight, self.norm_added_k.weight,
-                                     rope, self.eps)
+                               self.norm_q.weight, self.norm_k.weight,
+                               self.norm_added_q.weight, self.norm_added_k.weight,
+                               rope, self.eps)
         if q.dtype != v.dtype:
             # Under autocast the linears give bf16 v while RMSNorm with float32 weights and
             # the float32 RoPE give float32 q, k; autocast's SDPA would run all three in the
