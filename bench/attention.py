@@ -97,7 +97,8 @@ def run_key_limits(args, device, dtype, bench, shapes, backends, gpu):
         for backend in backends:
             if not can_run(backend, q, k, v, None, TORCH_MATH_MAX_BYTES):
                 continue
-            eager = lambda q, k, v, n, b=backend: A.joint_attention(q, k, v, n_img=n_img, txt_len=n, backend=b)  # noqa: E731
+            def eager(q, k, v, n, b=backend):
+                return A.joint_attention(q, k, v, n_img=n_img, txt_len=n, backend=b)
             for mode, fn in (("eager", eager), ("compiled", torch.compile(eager, fullgraph=True, dynamic=False))):
                 with torch.no_grad():
                     fn(q, k, v, lengths)  # compiles

@@ -181,8 +181,8 @@ def main(argv=None):
     total_ms = sum(by_class.values())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = peak_bf16_tflops(gpu)
-    tflops = {"gemm": flops["linear"] / (by_class["gemm"] * 1e-3) / 1e12 if by_class["gemm"] else None,
-              "attention": flops["attention"] / (by_class["attention"] * 1e-3) / 1e12 if by_class["attention"] else None}
+    tflops = {cls: flops[key] / (by_class[cls] * 1e-3) / 1e12 if by_class[cls] else None
+              for cls, key in (("gemm", "linear"), ("attention", "attention"))}
     result = dict(
         config=dict(height=args.height, width=args.width, image_tokens=n_img, text_tokens=args.text_len,
                     text_bucket=n_txt, batch=batch, layers=config["num_layers"], dtype=str(dtype),
