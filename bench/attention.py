@@ -12,6 +12,12 @@ best and that triton reaches >= 70% of the best, and writes everything as JSON t
 (or $OUT/attention.json). ``--sweep`` also times the Triton launch configs
 (kernels/flash_attention.py SWEEP_CONFIGS) to retune the shipped table; ``--dry-run`` runs
 tiny shapes on the CPU through the torch and sdpa backends (a smoke test for CI).
+
+Key limits (section ``key_limits``): the CFG-padded case again, the text keys given as
+per-row limits (``txt_len``: cond rows all text, uncond rows none) instead of a mask, what
+the inference engine passes; forward only, eager and inside ``torch.compile`` (where the
+engine runs it: SDPA can take a limit only as a broadcast mask there, Triton bounds its key
+loop), per backend.
 """
 from __future__ import annotations
 
@@ -78,6 +84,30 @@ def measure(backend, q, k, v, mask, n_img, bench, device):
     b = bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return f, b, peak
+
+
+def run_key_limits(args, device, dtype, bench, shapes, backends, gpu):
+    rows = []
+    for n_img, n_txt in shapes:
+        q, k, v, _ = make_case(args.batch, n_img, n_txt, args.heads, args.head_dim, dtype, device, False)
+        q, k, v = (t.detach() for t in (q, k, v))
+        lengths = torch.zeros(args.batch, dtype=torch.int32, device=device)
+        lengths[: (args.batch + 1) // 2] = n_txt
+        flops = 4 * args.batch * args.heads * (n_img + n_txt) ** 2 * args.head_dim
+        for backend in backends:
+            if not can_run(backend, q, k, v, None, TORCH_MATH_MAX_BYTES):
+                continue
+            def eager(q, k, v, n, b=backend):
+                return A.joint_attention(q, k, v, n_img=n_img, txt_len=n, backend=b)
+            for mode, fn in (("eager", eager), ("compiled", torch.compile(eager, fullgraph=True, dynamic=False))):
+                with torch.no_grad():
+                    fn(q, k, v, lengths)  # compiles
+                    f = bench(lambda: fn(q, k, v, lengths))
+                rows.append(dict(section="key_limits", backend=backend, mode=mode, shape=f"{n_img}+{n_txt}",
+                                 median_ms=f[0], p20_ms=f[1], p80_ms=f[2], tflops=flops / f[0] * 1e-9, gpu=gpu))
+                print(f"{backend:10s} key limits {mode:8s} L={n_img}+{n_txt} fwd {f[0]:8.3f} ms "
+                      f"({f[1]:.3f}-{f[2]:.3f}) {flops / f[0] * 1e-9:7.1f} TFLOP/s | {gpu}", flush=True)
+    return rows
 
 
 def run_sweep(args, device, dtype, bench, shapes):
@@ -176,11 +206,12 @@ def main(argv=None):
             print(f"check      {name}: auto={auto} best={check['best']} auto within 5%: "
                   f"{check['auto_within_5pct']}; triton >= 70% of best: "
                   f"{'n/a' if check['triton_ge_70pct'] is None else check['triton_ge_70pct']}", flush=True)
+    key_limits = run_key_limits(args, device, dtype, bench, shapes, backends, gpu)
     sweep = run_sweep(args, device, dtype, bench, shapes) if args.sweep and device.type == "cuda" else []
     fp8 = [] if args.no_fp8 or args.dry_run else run_fp8(args, device, dtype, bench, shapes)
     result = dict(gpu=gpu, date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
                   triton=_triton_version(), dtype=str(dtype), flops="fwd 4*B*H*L^2*D, bwd 2.5x fwd (dense)",
-                  cases=cases, checks=checks, sweep=sweep, fp8=fp8)
+                  cases=cases, checks=checks, key_limits=key_limits, sweep=sweep, fp8=fp8)
     out = args.out or (os.path.join(os.environ["OUT"], "attention.json") if os.environ.get("OUT") else None)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from lens_fast import LensTransformer2DModel  # noqa: E402
 from lens_fast.engine.graphs import CapturedStep  # noqa: E402
-from lens_fast.ops import fused  # noqa: E402
+from lens_fast.ops.norm_modulate import rms_norm_modulate  # noqa: E402
+from lens_fast.ops.swiglu import silu_mul  # noqa: E402
 from lens_fast.quant import fp8 as Q  # noqa: E402
 from lens_fast.quant.report import model_quality_report  # noqa: E402
 from _timing import timer  # noqa: E402  (bench/ is sys.path[0] when run as a script)
@@ -109,9 +110,9 @@ def bench_quant_kernels(device, gpu, bench, m, dim, hidden, b):
     a1, a3 = torch.randn(m, hidden, **bf), torch.randn(m, hidden, **bf)
     # (name, bytes the FP8 kernel moves, the bf16 kernel it replaces or None, the FP8 kernel)
     cases = [
-        ("rms_norm_modulate", x.numel() * (2 + 1), lambda: fused.rms_norm_modulate(x, w, shift, scale, 1e-6),
+        ("rms_norm_modulate", x.numel() * (2 + 1), lambda: rms_norm_modulate(x, w, shift, scale, 1e-6),
          lambda: Q.rms_norm_modulate_fp8(x, w, shift, scale, 1e-6)),
-        ("silu_mul", a1.numel() * (2 + 2 + 1), lambda: fused.silu_mul(a1, a3), lambda: Q.silu_mul_fp8(a1, a3)),
+        ("silu_mul", a1.numel() * (2 + 2 + 1), lambda: silu_mul(a1, a3), lambda: Q.silu_mul_fp8(a1, a3)),
         ("quantize_rows", x.numel() * (2 + 1), None, lambda: Q.quantize_rows(x)),
     ]
     rows = []

@@ -5,7 +5,8 @@
 #   3. the CUDA extension built for THIS card's architecture only
 #   4. the GPU tests (pytest -m cuda; bf16/fp8 included)
 #   5. the card's ceilings, measured once (copy GB/s, bf16 / fp8 matmul TFLOP/s)
-#   6. bench/ops.py, then bench/attention.py, train_step.py, pipeline.py, fp8.py if present
+#   6. bench/ops.py, then bench/profile_step.py, attention.py, train_step.py, pipeline.py, fp8.py
+#      if present
 #   7. summary.md + gpu_check.json (and every suite's own JSON/markdown) in the results folder
 # Usage: bash bench/gpu_check.sh [RESULTS_DIR]   (default: $OUT, else bench/results/gpu_check_<date>)
 # Every step runs under a timeout carved from one overall deadline, so a slow suite is cut
@@ -22,7 +23,7 @@ RESULTS="$(cd "$RESULTS" && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
-SUITES="${GPU_CHECK_SUITES-attention train_step pipeline fp8}"
+SUITES="${GPU_CHECK_SUITES-profile_step attention train_step pipeline fp8}"
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 STEPS="$RESULTS/steps.tsv"

@@ -8,7 +8,7 @@ reference under ``torch.compile`` ``compile``, and each kernel backend present:
 ``triton``, ``cuda``), one line: median ms (p20-p80), achieved GB/s = the op's ideal
 bytes (each input read once, each output written once; listed in OPS below) / time, % of
 the copy bandwidth measured on the same card in the same run, speedup over ``torch`` and
-over ``compile``, peak memory. Kernel backends are called through ``lens_fast.ops.fused``
+over ``compile``, peak memory. Kernel backends are called through ``lens_fast.ops``
 (the custom op and its dispatch included); CUDA C++ has forward kernels only.
 
 Whole block: forward and forward+backward of ``LensTransformerBlock`` (one CFG batch:
@@ -34,9 +34,15 @@ import time
 
 import torch
 
-from lens_fast.ops import dispatch, fused, optional  # noqa: E402
-from lens_fast.ops import reference as R  # noqa: E402
+from lens_fast.models.embeddings import rope_table  # noqa: E402
+from lens_fast.ops import dispatch, optional  # noqa: E402
 from lens_fast.ops.attention import joint_attention  # noqa: E402
+from lens_fast.ops.norm_modulate import (gated_residual_rms_norm_modulate,  # noqa: E402
+                                         gated_residual_rms_norm_modulate_ref, layer_norm_modulate,
+                                         layer_norm_modulate_ref, rms_norm, rms_norm_modulate, rms_norm_modulate_ref,
+                                         rms_norm_ref)
+from lens_fast.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref  # noqa: E402
+from lens_fast.ops.swiglu import silu_mul, silu_mul_ref, swiglu  # noqa: E402
 
 LENS = dict(batch=2, n_img=4096, h=64, w=64, n_txt=256, heads=24, head_dim=64, dim=1536, hidden=4096,
             enc=2880, axes=(8, 28, 28))
@@ -118,7 +124,7 @@ def op_cases(s: dict, device, dtype):
     b, n, t, hh, d, c, f, e = s["batch"], s["n_img"], s["n_txt"], s["heads"], s["head_dim"], s["dim"], s["hidden"], 2
     hd, L = hh * d, n + t
     g = lambda *shape, scale=1.0, shift=0.0: (torch.randn(*shape, device=device) * scale + shift).to(dtype)  # noqa
-    rope = R.rope_table_ref(s["h"], s["w"], t, s["axes"], device=device)
+    rope = rope_table(s["h"], s["w"], t, s["axes"], device=device)
     mods = g(b, 6 * c, scale=0.5)
     sh, sc, gt = mods[:, :c], mods[:, c:2 * c], mods[:, 2 * c:3 * c]
     w = g(c, scale=0.1, shift=1.0)
@@ -126,23 +132,23 @@ def op_cases(s: dict, device, dtype):
     qk_w = [g(d, scale=0.1, shift=1.0) for _ in range(4)]
     rows, unit = b * n, b * n * c * e
     cases = {
-        "qk_norm_rope": (lambda i, tx, *ws: R.qk_norm_rope_ref(i, tx, hh, *ws, rope, 1e-6),
-                         lambda i, tx, *ws: fused.qk_norm_rope(i, tx, hh, *ws, rope, 1e-6),
+        "qk_norm_rope": (lambda i, tx, *ws: qk_norm_rope_ref(i, tx, hh, *ws, rope, 1e-6),
+                         lambda i, tx, *ws: qk_norm_rope(i, tx, hh, *ws, rope, 1e-6),
                          [g(b, n, 3 * hd), g(b, t, 3 * hd)] + qk_w,
                          6 * b * L * hd * e + L * d * 4, 8 * b * L * hd * e + L * d * 4),
-        "rms_norm_modulate": (lambda *a: R.rms_norm_modulate_ref(*a, 1e-6),
-                              lambda *a: fused.rms_norm_modulate(*a, 1e-6), [x, w, sh, sc], 2 * unit, 3 * unit),
-        "gated_residual_rms_norm_modulate": (lambda *a: R.gated_residual_rms_norm_modulate_ref(*a, 1e-6),
-                                             lambda *a: fused.gated_residual_rms_norm_modulate(*a, 1e-6),
+        "rms_norm_modulate": (lambda *a: rms_norm_modulate_ref(*a, 1e-6),
+                              lambda *a: rms_norm_modulate(*a, 1e-6), [x, w, sh, sc], 2 * unit, 3 * unit),
+        "gated_residual_rms_norm_modulate": (lambda *a: gated_residual_rms_norm_modulate_ref(*a, 1e-6),
+                                             lambda *a: gated_residual_rms_norm_modulate(*a, 1e-6),
                                              [x, y, gt, w, sh, sc], 4 * unit, 6 * unit),
-        "layer_norm_modulate": (lambda *a: R.layer_norm_modulate_ref(*a, 1e-6),
-                                lambda *a: fused.layer_norm_modulate(*a, 1e-6), [x, sh, sc], 2 * unit, 3 * unit),
-        "rms_norm(txt_norm)": (lambda *a: R.rms_norm_ref(*a, 1e-5), lambda *a: fused.rms_norm(*a, 1e-5),
+        "layer_norm_modulate": (lambda *a: layer_norm_modulate_ref(*a, 1e-6),
+                                lambda *a: layer_norm_modulate(*a, 1e-6), [x, sh, sc], 2 * unit, 3 * unit),
+        "rms_norm(txt_norm)": (lambda *a: rms_norm_ref(*a, 1e-5), lambda *a: rms_norm(*a, 1e-5),
                                [g(b, t, s["enc"]), g(s["enc"], scale=0.1, shift=1.0)],
                                2 * b * t * s["enc"] * e, 3 * b * t * s["enc"] * e),
-        "silu_mul": (R.silu_mul_ref, fused.silu_mul, [g(rows, f, scale=2.0), g(rows, f)],
+        "silu_mul": (silu_mul_ref, silu_mul, [g(rows, f, scale=2.0), g(rows, f)],
                      3 * rows * f * e, 5 * rows * f * e),
-        "swiglu": (lambda h: R.silu_mul_ref(*h.chunk(2, dim=-1)), fused.swiglu, [g(rows, 2 * f, scale=2.0)],
+        "swiglu": (lambda h: silu_mul_ref(*h.chunk(2, dim=-1)), swiglu, [g(rows, 2 * f, scale=2.0)],
                    3 * rows * f * e, 5 * rows * f * e),
     }
     return cases
@@ -200,18 +206,18 @@ def reference_block(block, img, txt, temb, rope, mask):
     n, eps, attn = img.shape[1], block.eps, block.attn
     i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = block.img_mod(temb).chunk(6, dim=-1)
     t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = block.txt_mod(temb).chunk(6, dim=-1)
-    xi = R.rms_norm_modulate_ref(img, block.img_norm1.weight, i_sh1, i_sc1, eps)
-    xt = R.rms_norm_modulate_ref(txt, block.txt_norm1.weight, t_sh1, t_sc1, eps)
-    q, k, v = R.qk_norm_rope_ref(attn.img_qkv(xi), attn.txt_qkv(xt), attn.heads, attn.norm_q.weight,
-                                 attn.norm_k.weight, attn.norm_added_q.weight, attn.norm_added_k.weight, rope, eps)
+    xi = rms_norm_modulate_ref(img, block.img_norm1.weight, i_sh1, i_sc1, eps)
+    xt = rms_norm_modulate_ref(txt, block.txt_norm1.weight, t_sh1, t_sc1, eps)
+    q, k, v = qk_norm_rope_ref(attn.img_qkv(xi), attn.txt_qkv(xt), attn.heads, attn.norm_q.weight,
+                               attn.norm_k.weight, attn.norm_added_q.weight, attn.norm_added_k.weight, rope, eps)
     out = joint_attention(q, k, v, mask, n_img=n, backend="sdpa").flatten(2).to(q.dtype)
-    img, hi = R.gated_residual_rms_norm_modulate_ref(img, attn.to_out[0](out[:, :n]), i_g1, block.img_norm2.weight,
-                                                     i_sh2, i_sc2, eps)
-    txt, ht = R.gated_residual_rms_norm_modulate_ref(txt, attn.to_add_out(out[:, n:]), t_g1, block.txt_norm2.weight,
-                                                     t_sh2, t_sc2, eps)
+    img, hi = gated_residual_rms_norm_modulate_ref(img, attn.to_out[0](out[:, :n]), i_g1, block.img_norm2.weight,
+                                                   i_sh2, i_sc2, eps)
+    txt, ht = gated_residual_rms_norm_modulate_ref(txt, attn.to_add_out(out[:, n:]), t_g1, block.txt_norm2.weight,
+                                                   t_sh2, t_sc2, eps)
     mi, mt = block.img_mlp, block.txt_mlp
-    img = img + i_g2.unsqueeze(1) * mi.w2(R.silu_mul_ref(mi.w1(hi), mi.w3(hi)))
-    txt = txt + t_g2.unsqueeze(1) * mt.w2(R.silu_mul_ref(mt.w1(ht), mt.w3(ht)))
+    img = img + i_g2.unsqueeze(1) * mi.w2(silu_mul_ref(mi.w1(hi), mi.w3(hi)))
+    txt = txt + t_g2.unsqueeze(1) * mt.w2(silu_mul_ref(mt.w1(ht), mt.w3(ht)))
     return img, txt
 
 
@@ -223,7 +229,7 @@ def bench_block(s, device, dtype, timer, compile_backend):
     img = torch.randn(b, s["n_img"], s["dim"], device=device, dtype=dtype)
     txt = torch.randn(b, s["n_txt"], s["dim"], device=device, dtype=dtype)
     temb = torch.randn(b, s["dim"], device=device, dtype=dtype)
-    rope = R.rope_table_ref(s["h"], s["w"], s["n_txt"], s["axes"], device=device)
+    rope = rope_table(s["h"], s["w"], s["n_txt"], s["axes"], device=device)
     mask = torch.ones(b, s["n_txt"], dtype=torch.bool, device=device)
     mask[-1] = False  # the uncond row: empty negative prompt
     with torch.no_grad():

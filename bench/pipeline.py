@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a Lens checkpoint folder (default: random weights in the official shapes)")
     p.add_argument("--tiny", action="store_true", help="tiny random config on the CPU (functional check)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--tiny at one resolution, one repeat, the eager torch_compile baseline (bench/gpu_check.sh's "
+                        "rehearsal)")
     p.add_argument("--no-text-encoder", action="store_true", help="random prompt features instead of a text encoder")
     p.add_argument("--resolutions", help=f"HxW list (default {GPU_RESOLUTIONS}; --tiny: {TINY_RESOLUTIONS})")
     p.add_argument("--variants", default="lens,turbo", help="lens (20 steps, CFG 5), turbo (4 steps, guidance 1)")
@@ -83,6 +86,9 @@ def parse_args(argv=None):
                    help="torch CPU threads (default: torch's choice; --tiny: 1, steadier on a shared CPU)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.dry_run:
+        args.tiny, args.repeats, args.compile_backend = True, 1, "eager"
+        args.resolutions = args.resolutions or TINY_RESOLUTIONS.split(",")[0]
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: expected >= 1")
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]

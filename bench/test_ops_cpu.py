@@ -13,10 +13,12 @@ import os
 import pytest
 import torch
 
-from lens_fast.ops import dispatch, fused
+from lens_fast.models.embeddings import rope_table
+from lens_fast.ops import dispatch
 from lens_fast.ops import norm_modulate as NM
-from lens_fast.ops import reference as R
-
+from lens_fast.ops.norm_modulate import rms_norm_modulate, rms_norm_modulate_ref
+from lens_fast.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from lens_fast.ops.swiglu import silu_mul_ref, swiglu
 B, L, C, H, D = 2, 8, 64, 2, 32
 
 
@@ -41,7 +43,7 @@ def test_select_overhead(benchmark):
         assert benchmark.stats.stats.median < 1e-3, "choosing a backend should cost microseconds, not milliseconds"
 
 
-PATHS = {"reference": R.rms_norm_modulate_ref, "fused": fused.rms_norm_modulate,
+PATHS = {"reference": rms_norm_modulate_ref, "fused": rms_norm_modulate,
          "custom_op": lambda *a: NM.rms_norm_modulate_op(*a)[0]}
 
 
@@ -49,7 +51,7 @@ PATHS = {"reference": R.rms_norm_modulate_ref, "fused": fused.rms_norm_modulate,
 def test_rms_norm_modulate_forward(benchmark, path):
     x, w, shift, scale = _norm_inputs()
     out = benchmark(PATHS[path], x, w, shift, scale, 1e-6)
-    assert torch.equal(out, R.rms_norm_modulate_ref(x, w, shift, scale, 1e-6))
+    assert torch.equal(out, rms_norm_modulate_ref(x, w, shift, scale, 1e-6))
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -60,7 +62,7 @@ def test_rms_norm_modulate_forward_backward(benchmark, path):
     def step():
         return torch.autograd.grad(fn(x, w, shift, scale, 1e-6).sum(), (x, w))
     dx, dw = benchmark(step)
-    want = torch.autograd.grad(R.rms_norm_modulate_ref(x, w, shift, scale, 1e-6).sum(), (x, w))
+    want = torch.autograd.grad(rms_norm_modulate_ref(x, w, shift, scale, 1e-6).sum(), (x, w))
     torch.testing.assert_close(dx, want[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dw, want[1], rtol=1e-6, atol=1e-6)
 
@@ -69,19 +71,19 @@ def test_rms_norm_modulate_forward_backward(benchmark, path):
 def test_qk_norm_rope_forward(benchmark, path):
     img, txt = torch.randn(B, L, 3 * H * D), torch.randn(B, 5, 3 * H * D)
     ws = [torch.rand(D) + 0.5 for _ in range(4)]
-    rope = R.rope_table_ref(2, 4, 5, (8, 12, 12))
-    fn = R.qk_norm_rope_ref if path == "reference" else fused.qk_norm_rope
+    rope = rope_table(2, 4, 5, (8, 12, 12))
+    fn = qk_norm_rope_ref if path == "reference" else qk_norm_rope
     q, k, v = benchmark(fn, img, txt, H, *ws, rope, 1e-6)
-    for a, b in zip((q, k, v), R.qk_norm_rope_ref(img, txt, H, *ws, rope, 1e-6)):
+    for a, b in zip((q, k, v), qk_norm_rope_ref(img, txt, H, *ws, rope, 1e-6)):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("path", ["reference", "fused"])
 def test_swiglu_forward(benchmark, path):
     h = torch.randn(B * L, 2 * C)
-    fn = (lambda t: R.silu_mul_ref(*t.chunk(2, dim=-1))) if path == "reference" else fused.swiglu
+    fn = (lambda t: silu_mul_ref(*t.chunk(2, dim=-1))) if path == "reference" else swiglu
     out = benchmark(fn, h)
-    assert torch.equal(out, R.silu_mul_ref(*h.chunk(2, dim=-1)))
+    assert torch.equal(out, silu_mul_ref(*h.chunk(2, dim=-1)))
 
 
 def test_forced_backend_env_is_read_per_call(monkeypatch):

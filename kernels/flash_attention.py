@@ -6,7 +6,10 @@ whose validity is an arbitrary per-sample mask. Instead of a dense [L, L] bias w
 text index``, computed on the device (no host sync, so the op is graph- and
 compile-friendly). Each program walks its keys in two loops: full image blocks with no
 masking code at all, then the few tail blocks (image remainder + text, up to
-``key_len[b]``) where the bounds check and the mask bytes are applied. Padding after the
+``key_len[b]``) where the bounds check and the mask bytes are applied. When the valid text
+keys are a prefix of every row (right padding, the inference engine's text buckets) the
+bound alone describes them: ``BOUNDED`` without ``HAS_MASK`` reads no mask bytes and runs
+every full key block below the bound unchecked. Padding after the
 last valid token therefore costs no FLOPs (an empty negative prompt only touches the
 image keys), while holes inside the text are masked exactly. The price is a second copy of
 the inner loop in the binary and a mask byte load per tail block, both negligible at Lens
@@ -133,7 +136,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, KEY_LEN, Q_SCALE, K_SCALE, sm_scale,
                      stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh, stride_mb,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_MASK: tl.constexpr, QK_FP8: tl.constexpr, DOT_PREC: tl.constexpr):
+                     BOUNDED: tl.constexpr, HAS_MASK: tl.constexpr, QK_FP8: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -147,12 +151,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, KEY_LEN, Q_SCALE, K_SCALE, sm_scale,
     qk_scale = sm_scale * 1.4426950408889634
     if QK_FP8:
         qk_scale = qk_scale * tl.load(Q_SCALE + pid_bh) * tl.load(K_SCALE + pid_bh)
-    if HAS_MASK:
+    if BOUNDED:
         key_len = tl.load(KEY_LEN + b)
-        full_end = (n_img // BLOCK_N) * BLOCK_N
     else:
         key_len = L
-        full_end = (L // BLOCK_N) * BLOCK_N
+    if HAS_MASK:  # holes in the text: only the image blocks run unchecked
+        full_end = (n_img // BLOCK_N) * BLOCK_N
+    else:
+        full_end = (key_len // BLOCK_N) * BLOCK_N
     mask_row = MASK + b * stride_mb
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -198,7 +204,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KEY_LEN, sm_scale, n
                      stride_vb, stride_vl, stride_vh, stride_db, stride_dl, stride_dh,
                      stride_gb, stride_gl, stride_gh, stride_mb,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                     BOUNDED: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program owns BLOCK_N keys of one (batch, head) and loops over every query.
     dK and dV share the strides (stride_g*) of their contiguous [B, L, H, D] buffers."""
     pid_n = tl.program_id(0)
@@ -209,7 +215,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KEY_LEN, sm_scale, n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = (offs_n < L)[:, None]
-    if HAS_MASK:
+    if BOUNDED:
         key_len = tl.load(KEY_LEN + b)
     else:
         key_len = L
@@ -235,7 +241,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KEY_LEN, sm_scale, n
         delta = tl.load(DELTA + pid_bh * L + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
-        if HAS_MASK:
+        if BOUNDED:
             p_t = tl.where(valid[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -274,7 +280,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, MASK, KEY_LEN, sm_scale, n_img, 
                    stride_vb, stride_vl, stride_vh, stride_db, stride_dl, stride_dh,
                    stride_gb, stride_gl, stride_gh, stride_mb,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BOUNDED: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program owns BLOCK_M queries and walks the keys like the forward does."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -291,12 +297,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, MASK, KEY_LEN, sm_scale, n_img, 
     lse = tl.load(LSE + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * L + offs_m, mask=row_ok, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
-    if HAS_MASK:
+    if BOUNDED:
         key_len = tl.load(KEY_LEN + b)
-        full_end = (n_img // BLOCK_N) * BLOCK_N
     else:
         key_len = L
-        full_end = (L // BLOCK_N) * BLOCK_N
+    if HAS_MASK:  # holes in the text: only the image blocks run unchecked
+        full_end = (n_img // BLOCK_N) * BLOCK_N
+    else:
+        full_end = (key_len // BLOCK_N) * BLOCK_N
     mask_row = MASK + b * stride_mb
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -347,14 +355,17 @@ def _check_inputs(q, k, v, txt_mask, n_img):
 
 def _prepare_mask(txt_mask: Optional[torch.Tensor], n_img: int, key_len: Optional[torch.Tensor],
                   like: torch.Tensor):
-    """(mask as contiguous uint8, key_len int32, has_mask) with dummies when there is no mask."""
+    """(mask as contiguous uint8, key_len int32, bounded, has_mask) with dummies for what is
+    absent. A ``key_len`` without a mask bounds each row's keys (a text prefix) by itself."""
     if txt_mask is None or txt_mask.shape[1] == 0:
-        return like, like, False
+        if key_len is None:
+            return like, like, False, False
+        return like, key_len.to(torch.int32).contiguous(), True, False
     mask = txt_mask.to(torch.uint8) if txt_mask.dtype != torch.uint8 else txt_mask
     mask = mask.contiguous()
     if key_len is None:
         key_len = key_lengths(mask, n_img)
-    return mask, key_len.to(torch.int32).contiguous(), True
+    return mask, key_len.to(torch.int32).contiguous(), True, True
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -363,7 +374,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       lse: Optional[torch.Tensor] = None, config: Optional[Config] = None,
                       q_scale: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Joint attention forward. q, k, v: [B, L, H, D] (any strides); txt_mask [B, S] or None.
+    """Joint attention forward. q, k, v: [B, L, H, D] (any strides); txt_mask [B, S] or None;
+    ``key_len`` [B] int: row b attends to keys [0, key_len[b]) (computed from the mask when
+    one is given; given alone it is the whole rule: the valid text keys are a prefix).
     Returns (out [B, L, H, D] contiguous, lse [B, H, L] float32 in log2 units).
     FP8 mode: q, k in float8_e4m3fn with q_scale, k_scale [B, H] float32 dequant scales; the
     output then takes v's dtype. ``out``/``lse`` may be given (tests pre-fill them with NaN)."""
@@ -381,7 +394,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not out.is_contiguous() or out.shape != q.shape or out.dtype != out_dtype:
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {out_dtype} tensor; got "
                          f"{tuple(out.shape)} {out.dtype} contiguous={out.is_contiguous()}")
-    mask, klen, has_mask = _prepare_mask(txt_mask, n_img, key_len, q)
+    mask, klen, bounded, has_mask = _prepare_mask(txt_mask, n_img, key_len, q)
     cfg = config or pick_config("fwd", D, v.dtype, q.device)
     scales = (q_scale.float().contiguous(), k_scale.float().contiguous()) if qk_fp8 else (lse, lse)
     grid = (triton.cdiv(L, cfg.block_m), B * H)
@@ -390,8 +403,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         mask.stride(0) if has_mask else 0,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_MASK=has_mask, QK_FP8=qk_fp8,
-        DOT_PREC=_dot_precision(v.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BOUNDED=bounded, HAS_MASK=has_mask,
+        QK_FP8=qk_fp8, DOT_PREC=_dot_precision(v.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -413,7 +426,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         if not g.is_contiguous() or g.shape != q.shape or g.dtype != q.dtype:
             raise ValueError(f"{name} must be a contiguous {tuple(q.shape)} {q.dtype} tensor; got "
                              f"{tuple(g.shape)} {g.dtype} contiguous={g.is_contiguous()}")
-    mask, klen, has_mask = _prepare_mask(txt_mask, n_img, key_len, q)
+    mask, klen, bounded, has_mask = _prepare_mask(txt_mask, n_img, key_len, q)
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(L, 64), B * H)](
         out, do, delta, L, H, out.stride(0), out.stride(1), out.stride(2),
@@ -426,12 +439,12 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     cfg = dkdv_config or pick_config("dkdv", D, q.dtype, q.device)
     _bwd_dkdv_kernel[(triton.cdiv(L, cfg.block_n), B * H)](
         q, k, v, do, dk, dv, lse, delta, mask, klen, *common, HEAD_DIM=D, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, HAS_MASK=has_mask, DOT_PREC=prec, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BOUNDED=bounded, HAS_MASK=has_mask, DOT_PREC=prec, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     cfg = dq_config or pick_config("dq", D, q.dtype, q.device)
     _bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), B * H)](
         q, k, v, do, dq, lse, delta, mask, klen, *common, HEAD_DIM=D, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, HAS_MASK=has_mask, DOT_PREC=prec, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BOUNDED=bounded, HAS_MASK=has_mask, DOT_PREC=prec, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return dq, dk, dv
 
@@ -443,7 +456,7 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
 
 
 def aot_compile(kind: str, head_dim: int, dtype: torch.dtype, arch: int, config: Config,
-                has_mask: bool = True, qk_fp8: bool = False):
+                has_mask: bool = True, qk_fp8: bool = False, bounded: Optional[bool] = None):
     """Compile one kernel ahead of time for sm_<arch> without a GPU (TRITON_INTERPRET unset).
     Pointers and strides are marked 16-divisible as the launcher sees them at Lens shapes.
     Returns (compiled kernel, dict(regs, spill_bytes, shared_bytes)) read off cuobjdump."""
@@ -459,7 +472,8 @@ def aot_compile(kind: str, head_dim: int, dtype: torch.dtype, arch: int, config:
     if qk_fp8:
         ptr_types.update(Q="*fp8e4nv", K="*fp8e4nv")
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                  "HAS_MASK": has_mask, "DOT_PREC": _dot_precision(dtype)}
+                  "BOUNDED": has_mask if bounded is None else bounded, "HAS_MASK": has_mask,
+                  "DOT_PREC": _dot_precision(dtype)}
     if kind == "fwd":
         constexprs["QK_FP8"] = qk_fp8
     signature, attrs = {}, {}

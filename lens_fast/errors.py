@@ -84,8 +84,12 @@ def run_cli(prog: str, fn: Callable[[List[str]], int], argv: List[str]) -> int:
     except SystemExit as e:  # argparse: --help (0) or a bad option (2, message already printed)
         return e.code if isinstance(e.code, int) else 2
     except Exception:  # noqa: BLE001 - anything else is a bug: show it, never blame the input
-        from . import __version__
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
+            __version__ = version("lens_fast")
+        except PackageNotFoundError:
+            __version__ = "(not installed)"
         traceback.print_exc()
         print(f"{prog}: internal error: this is a bug in lens_fast {__version__}, not a problem with your input. "
               "Please report it to the lens_fast maintainers with the command line and the traceback above.",

@@ -12,41 +12,24 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
 
+from . import engine as fast_path
+from .images import OUTPUT_TYPES, decoded_to_output
 from .errors import InvalidValue, MissingFile
 from .models.config import read_json
 from .models.loading import check_component_files, resolve_dtype
 from .models.transformer import LensTransformer2DModel
+from .resolutions import resolve_resolution
 from .sampling import cfg_combine, lens_sigmas
 from .vae import LensVAE
 
-# Official resolution buckets: base -> aspect ratio -> (height, width).
-RATIOS = ("1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1")
-RESOLUTION_BUCKETS: Dict[int, Dict[str, Tuple[int, int]]] = {
-    1024: dict(zip(RATIOS, [(1472, 736), (1376, 768), (1248, 832), (1152, 864), (1024, 1024),
-                            (864, 1152), (832, 1248), (768, 1376), (736, 1472)])),
-    1440: dict(zip(RATIOS, [(2080, 1040), (1936, 1088), (1760, 1168), (1616, 1216), (1440, 1440),
-                            (1216, 1616), (1168, 1760), (1088, 1936), (1040, 2080)])),
-}
 # Recommended settings per variant: (steps, guidance).
 VARIANT_DEFAULTS = {"lens": (20, 5.0), "lens-turbo": (4, 1.0), "lens-base": (20, 5.0)}
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred")
-
-
-def resolve_resolution(base_resolution: int, aspect_ratio: str) -> Tuple[int, int]:
-    """(height, width) of an official bucket."""
-    if base_resolution not in RESOLUTION_BUCKETS:
-        raise ValueError(f"base_resolution={base_resolution!r} is not a bucket; expected one of "
-                         f"{sorted(RESOLUTION_BUCKETS)}")
-    table = RESOLUTION_BUCKETS[base_resolution]
-    if aspect_ratio not in table:
-        raise ValueError(f"aspect_ratio={aspect_ratio!r} is not a bucket; expected one of {list(table)}")
-    return table[aspect_ratio]
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -58,20 +41,6 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
         return torch.cat([randn_tensor((1, *shape[1:]), g, device, dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def decoded_to_output(decoded: torch.Tensor, output_type: str):
-    """Decoded images [B, 3, H, W] in [-1, 1] as the reference returns them: PIL (uint8,
-    truncated like the reference), ``np`` (HWC float in [0, 1]) or ``pt`` ([0, 1])."""
-    if output_type == "pil":
-        from PIL import Image
-
-        arr = ((decoded.clamp(-1, 1) + 1.0) * (255.0 / 2.0)).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
-        return [Image.fromarray(a) for a in arr]
-    images = (decoded.clamp(-1, 1) + 1.0) * 0.5
-    if output_type == "pt":
-        return images
-    return images.permute(0, 2, 3, 1).to("cpu", torch.float32).numpy()
 
 
 @dataclass
@@ -111,7 +80,12 @@ def _align(pos: List[torch.Tensor], pos_mask: torch.Tensor, neg: List[torch.Tens
 
 
 class LensPipeline:
-    """Text-to-image with Lens. Build with :meth:`from_pretrained` or from components."""
+    """Text-to-image with Lens. Build with :meth:`from_pretrained` or from components.
+
+    ``engine``: the inference engine (``lens_fast.engine.LensEngine``) once
+    ``enable_fast_path`` switched it on; ``denoise`` and ``postprocess`` hand over to it.
+    ``text_encoding``: the prompt cache / text-encoder offload (``lens_fast.engine.text``)
+    in front of the text encoder, used by ``_encode``. None is the reference path."""
 
     def __init__(self, transformer: LensTransformer2DModel, vae, text_encoder=None, scheduler_config=None,
                  variant: str = "lens", reasoner=None):
@@ -125,6 +99,8 @@ class LensPipeline:
         self.reasoner = reasoner  # a lens_fast.reasoner.Reasoner: rewrites requests when called with reason=True
         self.default_sample_size = 1024
         self._progress = {}
+        self.engine = None
+        self.text_encoding = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -188,22 +164,16 @@ class LensPipeline:
     def enable_fast_path(self, **kwargs):
         """Switch to the inference engine (fused ops, compiled blocks, CUDA graphs);
         same arguments and results within bf16 noise. See ``lens_fast.engine``."""
-        from .engine import enable_fast_path
-
         self.transformer.fuse_projections()  # w1|w3 as one GEMM; state-dict names unchanged
-        return enable_fast_path(self, **kwargs)
+        return fast_path.enable_fast_path(self, **kwargs)
 
     def disable_fast_path(self):
-        from .engine import disable_fast_path
-
-        return disable_fast_path(self)
+        return fast_path.disable_fast_path(self)
 
     def enable_text_encoder_offload(self, mode: str = "model"):
         """Keep the text encoder off the GPU between encodings (``mode="sequential"``
         streams it layer by layer, for GPUs smaller than the encoder)."""
-        from .engine import enable_text_encoder_offload
-
-        return enable_text_encoder_offload(self, mode=mode)
+        return fast_path.enable_text_encoder_offload(self, mode=mode)
 
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
@@ -233,8 +203,14 @@ class LensPipeline:
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder (model_index.json lists none); "
                              "pass prompt_embeds and prompt_mask instead of a prompt")
-        feats, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, device=device)
-        return list(feats), mask.bool()
+
+        def encode():
+            feats, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, device=device)
+            return list(feats), mask.bool()
+
+        if self.text_encoding is None:
+            return encode()
+        return self.text_encoding(self.text_encoder, prompts, max_sequence_length, device, encode)
 
     def encode_prompt(self, prompt, negative_prompt="", num_images_per_prompt: int = 1, prompt_embeds=None,
                       prompt_mask=None, negative_prompt_embeds=None, negative_prompt_mask=None,
@@ -303,7 +279,11 @@ class LensPipeline:
                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), extra=None,
                 mu: Optional[float] = None):
         """The sampling loop on token latents [B, N, C]; ``feats``/``mask`` hold the
-        cond rows and, when CFG runs, the uncond rows after them."""
+        cond rows and, when CFG runs, the uncond rows after them. Runs on the engine when
+        the fast path is on."""
+        if self.engine is not None:
+            return self.engine.denoise(latents, feats, mask, grid, num_inference_steps, guidance_scale,
+                                       callback_on_step_end, callback_on_step_end_tensor_inputs, extra, mu)
         h, w = grid
         batch = latents.shape[0]
         use_cfg = guidance_scale != 1.0
@@ -410,6 +390,8 @@ class LensPipeline:
         return rewrite_for_encoder(self.reasoner, self.text_encoder, prompt, max_sequence_length)
 
     def postprocess(self, latents, height, width, output_type):
+        if self.engine is not None:
+            return self.engine.postprocess(latents, height, width, output_type)
         if output_type == "latent":
             return latents
         return decoded_to_output(self.vae.decode(latents, height, width), output_type)

@@ -447,6 +447,96 @@ def test_bench_dry_run(tmp_path):
     assert "auto_within_5pct" in result["checks"][0], result["checks"]
 
 
+# ----------------------------------------------------------------------------- key limits (txt_len)
+# Per-row key limits instead of a dense mask: what the engine passes where the reference
+# has no mask (its own text-bucket padding) and for prefix masks. Exact: the same numbers
+# as the equivalent prefix mask (bit for bit on SDPA, which runs the same key slices, and
+# on the Triton kernel, which runs the same key bound without reading mask bytes).
+
+def _lengths(B, S):
+    lengths = torch.randint(0, S + 1, (B,))
+    lengths[0] = S
+    lengths[-1] = 0  # an empty negative prompt: image keys only
+    return lengths.to(DEV)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("B,n_img,S,H,D", [(3, 37, 77, 2, 64), (2, 70, 130, 1, 32)])
+def test_key_limits_equal_the_reference_and_the_prefix_mask(backend, B, n_img, S, H, D):
+    q, k, v = make_qkv(B, n_img + S, H, D)
+    lengths = _lengths(B, S)
+    mask = A.prefix_mask(lengths, S)
+    dout = torch.randn(B, n_img + S, H, D, device=DEV)
+
+    def run(**text):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = A.joint_attention(*leaves, n_img=n_img, backend=backend, **text)
+        return out, torch.autograd.grad(out, leaves, dout)
+
+    out, grads = run(txt_len=lengths)
+    ref_out, ref_grads = reference(q, k, v, mask, n_img, dout)
+    assert_close("out", out, ref_out)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(name, g, r)
+    out_m, grads_m = run(txt_mask=mask)
+    if backend != "torch":
+        assert torch.equal(out, out_m) and all(torch.equal(a, b) for a, b in zip(grads, grads_m))
+
+
+def test_key_limits_under_torch_compile_and_the_flash_packing():
+    B, n_img, S, H, D = 3, 9, 7, 2, 16
+    q, k, v = make_qkv(B, n_img + S, H, D)
+    lengths = _lengths(B, S)
+    ref = A.joint_attention_ref(q, k, v, A.prefix_mask(lengths, S), n_img)
+    compiled = torch.compile(lambda q, k, v, n: A.joint_attention(q, k, v, n_img=n_img, txt_len=n, backend="sdpa"),
+                             fullgraph=True)
+    assert_close("compiled sdpa", compiled(q, k, v, lengths), ref)
+    flash = A._attn_flash(q, k, v, None, n_img, lengths, funcs=(dense_flash_ref, varlen_flash_ref))
+    assert_close("flash packing", flash, ref)
+
+
+def test_key_limit_runs_group_rows_and_cache_per_tensor():
+    lengths = torch.tensor([5, 5, 0, 2, 2])
+    plan = A._length_runs(lengths, 3)
+    assert plan == [(0, 2, slice(0, 8)), (2, 3, slice(0, 3)), (3, 5, slice(0, 5))]
+    assert A._length_runs(lengths, 3) is plan, "same tensor and version must hit the cache"
+    lengths[2] = 5
+    assert A._length_runs(lengths, 3)[0] == (0, 3, slice(0, 8))
+
+
+def test_key_limits_are_checked():
+    q = torch.randn(2, 7, 1, 16)
+    with pytest.raises(ValueError, match="txt_mask and txt_len both given"):
+        A.joint_attention(q, q, q, torch.ones(2, 3, dtype=torch.bool), n_img=4, txt_len=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"txt_len must be \[B=2\] integers"):
+        A.joint_attention(q, q, q, n_img=4, txt_len=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"txt_len must be \[B=2\] integers"):
+        A.joint_attention(q, q, q, n_img=4, txt_len=torch.tensor([1, 2, 3]))
+
+
+KEY_LIMIT_AOT_SCRIPT = r"""
+import json, torch
+from lens_fast.kernels import flash_attention as fa
+rows = []
+for kind, table in fa.CONFIG_TABLES.items():
+    c, use = fa.aot_compile(kind, 64, torch.bfloat16, 90, table[(90, 64)], has_mask=False, bounded=True)
+    rows.append(dict(kind=kind, **use))
+print(json.dumps(rows))
+"""
+
+
+def test_key_limit_kernels_compile_for_sm90_without_spills():
+    """The key-limit variant (BOUNDED, no mask bytes) of every kernel, AOT for sm_90."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", KEY_LIMIT_AOT_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=170)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [r["kind"] for r in rows] == ["fwd", "dkdv", "dq"]
+    assert all(r["spill_bytes"] == 0 and r["regs"] <= 255 for r in rows), rows
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.cuda

@@ -16,7 +16,7 @@ from lens_fast import LensPipeline, LensVAE
 from lens_fast.engine import (FastDecoder, bucket_length, bucket_text, build_step_tables, disable_fast_path,
                               disable_text_encoder_offload, enable_fast_path, enable_text_encoder_offload,
                               estimate_peak_memory, get_engine, tile_starts)
-from lens_fast.engine.denoiser import block_forward
+from lens_fast.models.transformer import BlockModulation
 from lens_fast.tiny import SCHEDULER, make_tiny_checkpoint, make_tiny_transformer, make_tiny_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,7 @@ def test_block_forward_with_precomputed_mods_equals_the_model_block():
         mods = tables.block_mods[1, j].unsqueeze(1).expand(12, 2, 64).contiguous()
         with torch.no_grad():
             ref = block(img, txt, temb, rope, mask)
-            out = block_forward(block, img, txt, mods, rope, mask)
+            out = block.forward_modulated(img, txt, BlockModulation.from_rows(mods), rope, mask)
         torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
 
@@ -133,6 +133,35 @@ def test_bucketing_does_not_change_results_fp32_and_matches_reference():
     pipe.transformer.mask_every_block = True
     wrong = _run(pipe)
     assert _rel(wrong, reference) > 1e-3
+
+
+def _attention_calls(monkeypatch):
+    """(txt_mask given, txt_len given) of every attention call the model makes."""
+    import lens_fast.models.transformer as T
+    calls, real = [], T.joint_attention
+
+    def spy(q, k, v, txt_mask=None, **kw):
+        calls.append((txt_mask is not None, kw.get("txt_len") is not None))
+        return real(q, k, v, txt_mask, **kw)
+    monkeypatch.setattr(T, "joint_attention", spy)
+    return calls
+
+
+def test_engine_attention_takes_key_limits_not_dense_masks(monkeypatch):
+    """Prefix masks (the usual case) reach attention as per-row key limits in every block;
+    a reference mask with a hole stays a mask, in the first block only. Same numbers."""
+    pipe = _tiny_pipe()
+    holes = _prompts()
+    holes["prompt_mask"][0, 5] = False
+    reference = {"prefix": _run(pipe), "holes": _run(pipe, **holes)}
+    calls = _attention_calls(monkeypatch)
+    enable_fast_path(pipe)
+    blocks = len(pipe.transformer.transformer_blocks)
+    assert _rel(_run(pipe, steps=3), reference["prefix"]) <= 1e-5
+    assert calls == [(False, True)] * blocks * 3
+    calls.clear()
+    assert _rel(_run(pipe, **holes), reference["holes"]) <= 1e-5
+    assert calls == ([(True, False)] + [(False, True)] * (blocks - 1)) * 3
 
 
 def test_fast_path_matches_reference_bf16_with_and_without_cfg():
@@ -377,6 +406,22 @@ def test_pipeline_benchmark_runs_end_to_end_tiny(tmp_path):
         assert r["denoise_s"] > 0 and r["decode_s"] > 0 and r["text_s"] > 0
         assert r["total_s"] >= r["denoise_s"] + r["decode_s"]
     assert "lens_fast" in proc.stdout and "denoise" in proc.stdout
+
+
+def test_profile_step_dry_run_classifies_the_step(tmp_path):
+    """bench/profile_step.py on the CPU: the engine's step profiled, every operator in a class,
+    GEMM and attention present with their FLOP rates, the markdown table beside the JSON."""
+    out = tmp_path / "profile_step.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "profile_step.py"), "--dry-run", "--out",
+                           str(out)], capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["config"]["text_bucket"] == 64 and r["config"]["batch"] == 2
+    assert abs(sum(r["shares"].values()) - 1) < 1e-6 and r["class_ms"]["gemm"] > 0 and r["class_ms"]["attention"] > 0
+    assert r["tflops"]["gemm"] > 0 and r["tflops"]["attention"] > 0
+    assert {k["cls"] for k in r["kernels"]} <= {"gemm", "attention", "norm/elementwise", "other"}
+    assert any("scaled_dot_product" in k["name"] and k["cls"] == "attention" for k in r["kernels"])
+    assert "| gemm |" in (tmp_path / "profile_step.md").read_text()
 
 
 # -- CUDA graphs (GPU only) ---------------------------------------------------------------------

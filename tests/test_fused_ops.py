@@ -1,4 +1,4 @@
-"""Fused block ops (lens_fast.ops.fused): every kernel backend against its reference,
+"""Fused block ops (lens_fast.ops): every kernel backend against its reference,
 forward and backward, plus dispatch, custom-op registration, torch.compile and the model
 wiring (fused w1|w3, chained block loop, conformance, whole-model gradients).
 
@@ -24,8 +24,14 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 import pytest  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from lens_fast.ops import dispatch, fused, kernel_utils, optional  # noqa: E402
-from lens_fast.ops import reference as R  # noqa: E402
+from lens_fast.models.embeddings import rope_table  # noqa: E402
+from lens_fast.ops import dispatch, kernel_utils, optional  # noqa: E402
+from lens_fast.ops.norm_modulate import (gated_residual_rms_norm_modulate,  # noqa: E402
+                                         gated_residual_rms_norm_modulate_ref, layer_norm_modulate,
+                                         layer_norm_modulate_ref, rms_norm, rms_norm_modulate, rms_norm_modulate_ref,
+                                         rms_norm_ref)
+from lens_fast.ops.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref  # noqa: E402
+from lens_fast.ops.swiglu import silu_mul, silu_mul_ref, swiglu  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
@@ -104,15 +110,15 @@ def _check(fn, ref, specs, dtype, backend, monkeypatch):
 
 def _qk_case(b, h, w, s, heads, d, layout):
     width = 3 * heads * d
-    rope = R.rope_table_ref(h, w, s, ROPE_AXES[d]).to(DEV)
+    rope = rope_table(h, w, s, ROPE_AXES[d]).to(DEV)
     specs = [_input((b, h * w, width), layout), _input((b, s, width), "slice")]
     specs += [_input((d,), scale=0.1, shift=1.0) for _ in range(4)]
 
     def fn(img, txt, wq, wk, waq, wak):
-        return fused.qk_norm_rope(img, txt, heads, wq, wk, waq, wak, rope, 1e-6)
+        return qk_norm_rope(img, txt, heads, wq, wk, waq, wak, rope, 1e-6)
 
     def ref(img, txt, wq, wk, waq, wak):
-        return R.qk_norm_rope_ref(img, txt, heads, wq, wk, waq, wak, rope, 1e-6)
+        return qk_norm_rope_ref(img, txt, heads, wq, wk, waq, wak, rope, 1e-6)
     return fn, ref, specs
 
 
@@ -121,24 +127,24 @@ def _norm_case(op, b, l, c, layout):
     w = _input((c,), scale=0.1, shift=1.0)
     mod = lambda i: _input((b, c), "slice", scale=0.5, offset=i * c)  # noqa: E731 - chunks of [B, 6C]
     if op == "rms_norm":
-        return (lambda x, w: fused.rms_norm(x, w, 1e-5)), (lambda x, w: R.rms_norm_ref(x, w, 1e-5)), [x, w]
+        return (lambda x, w: rms_norm(x, w, 1e-5)), (lambda x, w: rms_norm_ref(x, w, 1e-5)), [x, w]
     if op == "rms_norm_modulate":
-        return ((lambda *a: fused.rms_norm_modulate(*a, 1e-6)), (lambda *a: R.rms_norm_modulate_ref(*a, 1e-6)),
+        return ((lambda *a: rms_norm_modulate(*a, 1e-6)), (lambda *a: rms_norm_modulate_ref(*a, 1e-6)),
                 [x, w, mod(0), mod(1)])
     if op == "gated_residual_rms_norm_modulate":
-        return ((lambda *a: fused.gated_residual_rms_norm_modulate(*a, 1e-6)),
-                (lambda *a: R.gated_residual_rms_norm_modulate_ref(*a, 1e-6)),
+        return ((lambda *a: gated_residual_rms_norm_modulate(*a, 1e-6)),
+                (lambda *a: gated_residual_rms_norm_modulate_ref(*a, 1e-6)),
                 [x, _input((b, l, c), "contig"), mod(2), w, mod(3), mod(4)])
     if op == "layer_norm_modulate":
-        return ((lambda *a: fused.layer_norm_modulate(*a, 1e-6)), (lambda *a: R.layer_norm_modulate_ref(*a, 1e-6)),
+        return ((lambda *a: layer_norm_modulate(*a, 1e-6)), (lambda *a: layer_norm_modulate_ref(*a, 1e-6)),
                 [_input((b, l, c), layout, scale=2.0, shift=0.5), mod(0), mod(1)])
     raise ValueError(op)
 
 
 def _swiglu_case(op, b, l, f, layout):
     if op == "silu_mul":
-        return fused.silu_mul, R.silu_mul_ref, [_input((b, l, f), layout, scale=2.0), _input((b, l, f), "slice")]
-    return fused.swiglu, (lambda h: R.silu_mul_ref(*h.chunk(2, dim=-1))), [_input((b, l, 2 * f), layout, scale=2.0)]
+        return silu_mul, silu_mul_ref, [_input((b, l, f), layout, scale=2.0), _input((b, l, f), "slice")]
+    return swiglu, (lambda h: silu_mul_ref(*h.chunk(2, dim=-1))), [_input((b, l, 2 * f), layout, scale=2.0)]
 
 
 NORM_OPS = ["rms_norm", "rms_norm_modulate", "gated_residual_rms_norm_modulate", "layer_norm_modulate"]
@@ -181,11 +187,11 @@ def test_rms_norm_any_leading_dims_and_no_weight(monkeypatch):
     for backend in (["triton"] if optional.triton_usable() else []) + ["torch"]:
         monkeypatch.setenv(dispatch.ENV_VAR, backend)
         x = torch.randn(5, 2880, device=DEV)
-        torch.testing.assert_close(fused.rms_norm(x, None, 1e-5), R.rms_norm_ref(x, None, 1e-5),
+        torch.testing.assert_close(rms_norm(x, None, 1e-5), rms_norm_ref(x, None, 1e-5),
                                    rtol=1e-5, atol=1e-5)
         x3 = torch.randn(2, 7, 2880, device=DEV)
         w = torch.rand(2880, device=DEV) + 0.5
-        torch.testing.assert_close(fused.rms_norm(x3, w, 1e-5), R.rms_norm_ref(x3, w, 1e-5), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rms_norm(x3, w, 1e-5), rms_norm_ref(x3, w, 1e-5), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -218,23 +224,23 @@ def test_forced_cuda_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
     x, v = _probe_inputs()
     with pytest.raises(dispatch.BackendUnavailableError, match="LENS_FAST_BACKEND=cuda"):
-        fused.rms_norm_modulate(x, torch.ones(16), v, v, 1e-6)
+        rms_norm_modulate(x, torch.ones(16), v, v, 1e-6)
 
 
 def test_bad_shapes_name_the_value():
     x, v = _probe_inputs()
     with pytest.raises(ValueError, match=r"shift has shape \(3, 16\); expected per-sample \[B=2, C=16\]"):
-        fused.rms_norm_modulate(x, torch.ones(16), v[:1].expand(3, 16), v, 1e-6)
+        rms_norm_modulate(x, torch.ones(16), v[:1].expand(3, 16), v, 1e-6)
     with pytest.raises(ValueError, match=r"weight has shape \(8,\); expected \[C=16\]"):
-        fused.rms_norm(x, torch.ones(8), 1e-6)
+        rms_norm(x, torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="expected an even size"):
-        fused.swiglu(torch.randn(2, 7))
-    rope = R.rope_table_ref(1, 2, 3, (4, 6, 6))
+        swiglu(torch.randn(2, 7))
+    rope = rope_table(1, 2, 3, (4, 6, 6))
     qkv = torch.randn(1, 2, 3 * 2 * 16)
     with pytest.raises(ValueError, match=r"rope is torch.float32 \(5, 8, 2\); expected float32 \[N \+ S = 4"):
-        fused.qk_norm_rope(qkv, torch.randn(1, 2, 96), 2, *[torch.ones(16)] * 4, rope)
+        qk_norm_rope(qkv, torch.randn(1, 2, 96), 2, *[torch.ones(16)] * 4, rope)
     with pytest.raises(ValueError, match="3 \\* heads \\(5\\)"):
-        fused.qk_norm_rope(qkv, qkv, 5, *[torch.ones(16)] * 4, rope)
+        qk_norm_rope(qkv, qkv, 5, *[torch.ones(16)] * 4, rope)
 
 
 def test_poisoned_buffers_are_nan(monkeypatch):
@@ -251,7 +257,7 @@ def _opcheck_cases():
     b, l, c = 2, 5, 32
     leaf = lambda *shape: torch.randn(*shape, device=DEV).requires_grad_()  # noqa: E731
     x, y, m, w = leaf(b, l, c), leaf(b, l, c), leaf(b, 6 * c), leaf(c)
-    rope = R.rope_table_ref(1, 3, 2, ROPE_AXES[16]).to(DEV)
+    rope = rope_table(1, 3, 2, ROPE_AXES[16]).to(DEV)
     return [(nm.rms_norm_op, (x, w, 1e-5)), (nm.rms_norm_op, (x, None, 1e-5)),
             (nm.rms_norm_modulate_op, (x, w, m[:, :c], m[:, c:2 * c], 1e-6)),
             (nm.gated_residual_rms_norm_modulate_op, (x, y, m[:, :c], w, m[:, c:2 * c], m[:, 2 * c:3 * c], 1e-6)),
@@ -275,7 +281,7 @@ def _tiny_block_inputs(dim=64, heads=2, b=2, h=3, w=5, s=7):
     img = torch.randn(b, h * w, dim, device=DEV)
     txt = torch.randn(b, s, dim, device=DEV)
     temb = torch.randn(b, dim, device=DEV)
-    rope = R.rope_table_ref(h, w, s, ROPE_AXES[dim // heads]).to(DEV)
+    rope = rope_table(h, w, s, ROPE_AXES[dim // heads]).to(DEV)
     mask = torch.ones(b, s, dtype=torch.bool, device=DEV)
     mask[1] = False  # a fully masked text row (the empty negative prompt)
     return block, (img, txt, temb, rope, mask)

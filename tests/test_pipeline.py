@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lens_fast import LensPipeline
-from lens_fast.pipeline import RESOLUTION_BUCKETS, resolve_resolution
+from lens_fast.resolutions import RESOLUTION_BUCKETS, resolve_resolution
 from lens_fast.sampling import cfg_combine, compute_empirical_mu, lens_sigmas
 from lens_fast.tiny import make_tiny_checkpoint
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from lens_fast.pipeline import RESOLUTION_BUCKETS
+from lens_fast.resolutions import RESOLUTION_BUCKETS
 from lens_fast.train import REGISTRY, BucketTable, ConfigError, TrainConfig, bucket_size, load_config
 from lens_fast.train.cli import main
 

@@ -62,7 +62,9 @@ if __name__ != "lens_fast.train":  # the bare name, from a checkout's root: see 
     _runpy.run_path(_os.path.join(_os.path.dirname(__file__), _os.pardir, "lens_fast", "_checkout.py"))[
         "hand_over"](__name__, __file__)
 else:
-    from .buckets import Bucket, BucketTable, bucket_size
+    from lens_fast.resolutions import bucket_size
+
+    from .buckets import Bucket, BucketTable
     from .config import REGISTRY, ConfigError, TrainConfig, load_config
     from .data import (Batch, BucketData, EncodedSource, InMemorySource, PixelSpace, RawBatch, SyntheticSource,
                        load_cache, save_cache)

@@ -1,9 +1,7 @@
 """Aspect-ratio buckets: base areas x W:H ratios, sides multiples of ``multiple``.
 
-For the nine official ratios the bucket is the official 1024 bucket (the inference
-resolutions of ``lens_fast.pipeline.RESOLUTION_BUCKETS``) scaled to the base side and
-rounded to the multiple, so training sees the shapes users sample at; any other ratio
-r = W/H gets H = base / sqrt(r), W = base * sqrt(r), rounded. Each step a rank draws
+Each bucket's size is ``lens_fast.resolutions.bucket_size`` (the official inference
+resolutions scaled to the base side for the nine official ratios). Each step a rank draws
 one base area (weighted), then the images' own aspect ratios pick the ratio.
 """
 from __future__ import annotations
@@ -15,30 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lens_fast.errors import InvalidValue
-from lens_fast.pipeline import RESOLUTION_BUCKETS
-
-
-def parse_ratio(ratio: str) -> float:
-    """'W:H' -> W / H."""
-    try:
-        w, h = (float(x) for x in str(ratio).split(":"))
-    except ValueError:
-        raise InvalidValue(f"ratio {ratio!r}: expected W:H such as 16:9") from None
-    if w <= 0 or h <= 0:
-        raise InvalidValue(f"ratio {ratio!r}: both sides must be positive")
-    return w / h
-
-
-def bucket_size(area: int, ratio: str, multiple: int = 16) -> Tuple[int, int]:
-    """(height, width) of the bucket for a base side and a W:H ratio."""
-    def snap(x):
-        return max(multiple, int(round(x / multiple)) * multiple)
-
-    official = RESOLUTION_BUCKETS[1024].get(ratio)
-    if official is not None:
-        return snap(official[0] * area / 1024), snap(official[1] * area / 1024)
-    r = parse_ratio(ratio)
-    return snap(area / math.sqrt(r)), snap(area * math.sqrt(r))
+from lens_fast.resolutions import bucket_size, parse_ratio
 
 
 @dataclass(frozen=True)

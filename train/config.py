@@ -20,8 +20,7 @@ import yaml
 
 from lens_fast.errors import InvalidValue, MissingFile, one_line
 from lens_fast.models.config import LensTransformerConfig
-
-RATIOS = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
+from lens_fast.resolutions import RATIOS, parse_ratio
 
 
 class ConfigError(InvalidValue):
@@ -30,9 +29,10 @@ class ConfigError(InvalidValue):
 
 @dataclass
 class ModelConfig:
+    # config.json keys of the model; lens_fast's own options (LensTransformerConfig.extensions,
+    # e.g. mask_every_block) may be added. A pretrained folder brings its own config.
     transformer: Dict[str, Any] = field(default_factory=lambda: dict(LensTransformerConfig.defaults))
     pretrained: Optional[str] = None  # diffusers folder (checkpoint root or its transformer/)
-    mask_every_block: bool = False  # the reference masks text in the first block only
 
 
 @dataclass
@@ -272,8 +272,6 @@ class TrainConfig:
                 or sum(d.area_weights) <= 0):
             raise ConfigError(f"data.area_weights={d.area_weights}: expected {len(d.areas)} non-negative weights "
                               "(one per area) with a positive sum")
-        from .buckets import parse_ratio
-
         for r in d.ratios:
             parse_ratio(r)
         if not d.ratios:
@@ -310,10 +308,10 @@ def apply_dict(cfg: TrainConfig, data: Dict[str, Any], source: str) -> None:
             if k not in names:
                 raise ConfigError(f"{source}: unknown key {key}.{k}; expected one of {names}")
             if key == "model" and k == "transformer":
-                unknown = sorted(set(v) - set(LensTransformerConfig.defaults))
+                unknown = sorted(set(v) - set(LensTransformerConfig.known_keys()))
                 if unknown:
                     raise ConfigError(f"{source}: unknown model.transformer key(s) {unknown}; expected keys from "
-                                      f"{sorted(LensTransformerConfig.defaults)}")
+                                      f"{LensTransformerConfig.known_keys()}")
                 v = {**section.transformer, **v}
             setattr(section, k, v)
 

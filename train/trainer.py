@@ -185,7 +185,6 @@ class Trainer:
         if built:
             with torch.device("meta"):
                 model = LensTransformer2DModel(**self.model_config)
-        model.mask_every_block = self.cfg.model.mask_every_block
         if not built:
             model.to(device=self.device, dtype=torch.float32)
         model.train()

@@ -3,19 +3,22 @@
 ``enable_fast_path(pipe, ...)`` switches a ``LensPipeline`` to the engine (same
 ``__call__`` arguments, results equal to the reference path within bf16 noise, fp32 to
 ~1e-6): fused ops and joint attention (whatever ``lens_fast.ops`` dispatch picks),
-compiled blocks with static shapes, text length bucketed to multiples of 64 (masked so
-results do not change), per-step constants precomputed for the schedule, a CUDA graph
+compiled blocks with static shapes, text length bucketed to multiples of 64 (the padding
+hidden from attention by per-row key limits, not masks, so results do not change),
+per-step constants precomputed for the schedule, a CUDA graph
 per (resolution, batch, text bucket) replayed for every step, CFG and Euler on the
 device, a prompt-embedding cache, and a tiled, compiled, channels_last VAE decode.
 ``enable_text_encoder_offload(pipe, mode)`` keeps the text encoder off the GPU between
 encodings ('model': moved in whole; 'sequential': one layer at a time).
 ``disable_fast_path`` / ``disable_text_encoder_offload`` undo them.
 
-The engine installs itself by binding instance attributes that shadow three
-``LensPipeline`` methods with the same signatures: ``denoise`` (the sampling loop),
-``postprocess`` (decode) and ``_encode`` (prompt encoding; cache and offload). Nothing
-else of the pipeline changes: argument checking, prompt alignment, noise and output
-conversion stay the reference's.
+The pipeline holds what these switch on as two attributes it calls explicitly:
+``pipe.engine`` (a ``LensEngine``: ``LensPipeline.denoise`` and ``postprocess`` hand over
+to it) and ``pipe.text_encoding`` (a ``TextEncoding``: the prompt cache and the offload
+in front of the text encoder, used by ``LensPipeline._encode``); None means the
+reference path. Nothing else of the pipeline changes: argument checking, prompt
+alignment, noise and output conversion stay the reference's. The engine runs the model's
+own code (``denoiser``): there is no second copy of the block.
 
 Memory: a 1440^2 image with CFG in 24 GB (offload on, bf16)
 ------------------------------------------------------------
@@ -43,38 +46,22 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
+from ..resolutions import official_resolutions
 from .engine import LensEngine, StepBuffers
 from .memory import estimate_peak_memory
-from .schedule import StepTables, bucket_length, bucket_text, build_step_tables, project_text
+from .schedule import StepTables, bucket_length, bucket_text, build_step_tables
 from .text import OFFLOAD_MODES, PromptCache, TextEncoderOffload, TextEncoding
 from .vae_decode import FastDecoder, tile_starts
 
 __all__ = ["OFFLOAD_MODES", "enable_fast_path", "disable_fast_path", "enable_text_encoder_offload",
-           "disable_text_encoder_offload", "get_engine", "official_resolutions", "LensEngine", "StepBuffers", "StepTables", "FastDecoder",
-           "PromptCache", "TextEncoderOffload", "bucket_length", "bucket_text", "build_step_tables",
-           "project_text", "tile_starts", "estimate_peak_memory"]
-
-_ATTR = "_lens_engine"
-_TEXT_ATTR = "_lens_text_encoding"
-
-
-def official_resolutions(which: Union[str, int] = "official") -> Tuple[Tuple[int, int], ...]:
-    """(height, width) of the official buckets: 'official' (all 18), 1024 or 1440."""
-    from ..pipeline import RESOLUTION_BUCKETS
-
-    if which in ("official", "all"):
-        bases = sorted(RESOLUTION_BUCKETS)
-    elif int(which) in RESOLUTION_BUCKETS:
-        bases = [int(which)]
-    else:
-        raise ValueError(f"prewarm={which!r}: expected 'official', one of {sorted(RESOLUTION_BUCKETS)} "
-                         "or a list of (height, width)")
-    return tuple(hw for base in bases for hw in RESOLUTION_BUCKETS[base].values())
+           "disable_text_encoder_offload", "get_engine", "official_resolutions", "LensEngine", "StepBuffers",
+           "StepTables", "FastDecoder", "PromptCache", "TextEncoderOffload", "TextEncoding", "bucket_length",
+           "bucket_text", "build_step_tables", "tile_starts", "estimate_peak_memory"]
 
 
 def get_engine(pipe) -> Optional[LensEngine]:
     """The engine enabled on ``pipe``, or None."""
-    return pipe.__dict__.get(_ATTR)
+    return pipe.engine
 
 
 def enable_fast_path(pipe, *, compile: Optional[bool] = None, cuda_graphs: Optional[bool] = None,
@@ -99,9 +86,7 @@ def enable_fast_path(pipe, *, compile: Optional[bool] = None, cuda_graphs: Optio
     disable_fast_path(pipe)
     engine = LensEngine(pipe, compile=compile, cuda_graphs=cuda_graphs, text_bucket=text_bucket,
                         keep_fp32_latents=keep_fp32_latents, **engine_options)
-    pipe.__dict__[_ATTR] = engine
-    pipe.denoise = engine.denoise
-    pipe.postprocess = engine.postprocess
+    pipe.engine = engine
     if pipe.text_encoder is not None:
         # An encoder that caches by itself (LensTextEncoder(cache_size > 0)) keeps doing so;
         # the engine's exact whole-call cache (see engine.text) serves the others.
@@ -114,16 +99,14 @@ def enable_fast_path(pipe, *, compile: Optional[bool] = None, cuda_graphs: Optio
 
 def disable_fast_path(pipe) -> None:
     """Return ``pipe`` to the reference path (text-encoder offload, if on, stays on)."""
-    engine = pipe.__dict__.pop(_ATTR, None)
+    engine, pipe.engine = pipe.engine, None
     if engine is not None:
-        pipe.__dict__.pop("denoise", None)
-        pipe.__dict__.pop("postprocess", None)
         engine.decoder.release()
-    text = pipe.__dict__.get(_TEXT_ATTR)
+    text = pipe.text_encoding
     if text is not None:
         text.cache = PromptCache(0)
         if text.offload is None:
-            _remove_text_encoding(pipe)
+            pipe.text_encoding = None
 
 
 def enable_text_encoder_offload(pipe, mode: str = "model") -> TextEncoderOffload:
@@ -138,26 +121,17 @@ def enable_text_encoder_offload(pipe, mode: str = "model") -> TextEncoderOffload
 
 def disable_text_encoder_offload(pipe) -> None:
     """Stop offloading: the text encoder goes back to the pipeline's device."""
-    text = pipe.__dict__.get(_TEXT_ATTR)
+    text = pipe.text_encoding
     if text is None or text.offload is None:
         return
     text.offload = None
     if pipe.text_encoder is not None:
         pipe.text_encoder.to(pipe.device)
     if text.cache.size == 0:
-        _remove_text_encoding(pipe)
+        pipe.text_encoding = None
 
 
 def _text_encoding(pipe) -> TextEncoding:
-    text = pipe.__dict__.get(_TEXT_ATTR)
-    if text is None:
-        reference_encode = type(pipe)._encode.__get__(pipe)
-        text = TextEncoding(pipe, reference_encode, cache_size=0)
-        pipe.__dict__[_TEXT_ATTR] = text
-        pipe._encode = text
-    return text
-
-
-def _remove_text_encoding(pipe) -> None:
-    pipe.__dict__.pop(_TEXT_ATTR, None)
-    pipe.__dict__.pop("_encode", None)
+    if pipe.text_encoding is None:
+        pipe.text_encoding = TextEncoding(cache_size=0)
+    return pipe.text_encoding

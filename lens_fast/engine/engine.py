@@ -1,9 +1,11 @@
-"""LensEngine: the fast path behind ``LensPipeline`` (same arguments, same numbers within
-bf16 noise).
+"""LensEngine: the fast path a ``LensPipeline`` holds (``pipe.engine``) and calls for its
+denoise loop and decode (same arguments, same numbers within bf16 noise).
 
-Per call, before the loop: the text stream is projected once and padded to a multiple
-of ``text_bucket`` (masks per ``schedule.bucket_text``), the RoPE table and the
-schedule's tables (timestep embeddings, every block's modulation, ``norm_out``'s, dt)
+Per call, before the loop: the text stream is embedded once (the model's ``embed_text``)
+and padded to a multiple of ``text_bucket`` (masks per ``schedule.bucket_text``, turned
+into per-row key limits by ``schedule.key_limits``: no dense mask reaches attention where
+the masks are prefixes, the usual case), the
+RoPE table and the schedule's tables (the model's ``modulations`` for every step, dt)
 are built or fetched from a cache. Each step then is one ``_step`` on static buffers:
 denoiser forward over [cond ; uncond], CFG combine and Euler update on the device,
 written back into the latents buffer. On CUDA the step is captured once per
@@ -18,15 +20,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
+from ..images import decoded_to_output
 from ..sampling import cfg_combine
 from .denoiser import FastDenoiser, default_compile_mode
 from .graphs import GraphPool
-from .schedule import StepTables, bucket_text, build_step_tables, project_text
+from .schedule import StepTables, bucket_text, build_step_tables, key_limits
 from .vae_decode import FastDecoder
 
 
@@ -37,8 +40,9 @@ class StepBuffers:
     latents: torch.Tensor      # [B, N, C]   model dtype (or float32)
     noise_pred: torch.Tensor   # [B, N, C]   model dtype
     txt: torch.Tensor          # [Bt, S_b, dim]
-    first_mask: torch.Tensor   # [Bt, S_b] bool: reference mask AND bucket-valid
-    later_mask: torch.Tensor   # [Bt, S_b] bool: bucket-valid
+    text_mask: torch.Tensor    # [Bt, S_b] bool: reference mask AND bucket-valid
+    ref_len: Optional[torch.Tensor]  # [Bt] int32: its per-row length (None: a row has holes)
+    open_len: torch.Tensor     # [Bt] int32: the bucket-valid length (blocks without a reference mask)
     rope: torch.Tensor         # [N + S_b, D/2, 2] float32
     mods: torch.Tensor         # [L, 12, Bt, dim]
     out_mods: torch.Tensor     # [2, Bt, dim]
@@ -104,11 +108,12 @@ class LensEngine:
         self._runners.clear()
         self._graph_pool = GraphPool()
 
-    def _runner(self, grid, batch: int, cfg: bool, txt_len: int, latent_dtype) -> _Runner:
+    def _runner(self, grid, batch: int, cfg: bool, txt_len: int, latent_dtype, prefix: bool) -> _Runner:
+        """``prefix``: the reference mask is a per-row prefix (passed as lengths, no mask)."""
         model = self.pipe.transformer
         h, w = grid
         bt = 2 * batch if cfg else batch
-        key = (h, w, batch, cfg, txt_len, latent_dtype, model.dtype, model.device)
+        key = (h, w, batch, cfg, txt_len, latent_dtype, prefix, model.dtype, model.device)
         if key in self._runners:
             self._runners.move_to_end(key)
             return self._runners[key]
@@ -118,8 +123,9 @@ class LensEngine:
             latents=torch.zeros(batch, n, c_in, device=dev, dtype=latent_dtype),
             noise_pred=torch.zeros(batch, n, model.config.patch_size ** 2 * model.out_channels, device=dev, dtype=dt),
             txt=torch.zeros(bt, txt_len, dim, device=dev, dtype=dt),
-            first_mask=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
-            later_mask=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
+            text_mask=torch.ones(bt, txt_len, device=dev, dtype=torch.bool),
+            ref_len=torch.zeros(bt, device=dev, dtype=torch.int32) if prefix else None,
+            open_len=torch.zeros(bt, device=dev, dtype=torch.int32),
             rope=model.rope_table(h, w, txt_len, dev).clone(),
             mods=torch.zeros(len(model.transformer_blocks), 12, bt, dim, device=dev, dtype=dt),
             out_mods=torch.zeros(2, bt, dim, device=dev, dtype=dt),
@@ -136,7 +142,8 @@ class LensEngine:
         """One sampling step on static buffers; no host synchronisation."""
         x = buf.latents.to(self.pipe.transformer.dtype)
         x_in = torch.cat([x, x], 0) if buf.cfg else x
-        out = self.denoiser(x_in, buf.txt, buf.rope, buf.first_mask, buf.later_mask, buf.mods, buf.out_mods)
+        out = self.denoiser(x_in, buf.txt, buf.rope, buf.text_mask, buf.ref_len, buf.open_len, buf.mods,
+                            buf.out_mods)
         v = cfg_combine(out[:x.shape[0]], out[x.shape[0]:], buf.guidance) if buf.cfg else out
         buf.noise_pred.copy_(v)
         # The reference's scheduler step: float32 sample + (0-dim float32 dt) * v, cast back.
@@ -148,11 +155,14 @@ class LensEngine:
         buf.out_mods.copy_(tables.out_mods[i].unsqueeze(1))
         buf.dt.copy_(tables.dt[i])
 
-    # -- the loop (LensPipeline.denoise's signature) --------------------------------------
+    # -- the loop (what LensPipeline.denoise runs when the engine is on) -------------------
     @torch.no_grad()
-    def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
-                guidance_scale: float, callback_on_step_end=None,
-                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None, mu=None):
+    def prepare(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
+                guidance_scale: float, mu=None) -> Tuple[Callable[[], None], StepBuffers, StepTables]:
+        """Everything before the loop: the checks, the step tables, the text stream and its
+        key limits, the runner's buffers loaded with step 0's constants, on CUDA the graph.
+        Returns ``(run, buffers, tables)``: ``run()`` is one step on the buffers (a graph
+        replay when captured); ``denoise`` loads step i's constants before each."""
         model = self.pipe.transformer
         h, w = grid
         batch = latents.shape[0]
@@ -164,20 +174,30 @@ class LensEngine:
         if latents.shape[1] != h * w:
             raise ValueError(f"latents have {latents.shape[1]} tokens; expected h*w = {h}*{w} = {h * w}")
         tables = self.tables(num_inference_steps, h * w, mu)
-        txt, first, later = bucket_text(project_text(model, feats), mask.to(model.device), self.text_bucket)
+        txt, text_mask, text_valid = bucket_text(model.embed_text(feats), mask.to(model.device), self.text_bucket)
+        ref_len, open_len = key_limits(text_mask, text_valid)
         latent_dtype = torch.float32 if self.keep_fp32_latents else model.dtype
-        runner = self._runner(grid, batch, cfg, txt.shape[1], latent_dtype)
+        runner = self._runner(grid, batch, cfg, txt.shape[1], latent_dtype, ref_len is not None)
         buf = runner.buffers
         buf.latents.copy_(latents)
         buf.txt.copy_(txt)
-        buf.first_mask.copy_(first)
-        buf.later_mask.copy_(later)
+        buf.text_mask.copy_(text_mask)
+        if ref_len is not None:
+            buf.ref_len.copy_(ref_len)
+        buf.open_len.copy_(open_len)
         buf.guidance.fill_(float(guidance_scale))
         self._load_step(buf, tables, 0)
         if self.cuda_graphs and runner.graph is None:
             runner.graph = self._graph_pool.capture(lambda: self._step(buf), [buf.latents, buf.noise_pred])
             self.graph_captures += 1
         run = runner.graph.replay if runner.graph is not None else (lambda: self._step(buf))
+        return run, buf, tables
+
+    @torch.no_grad()
+    def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
+                guidance_scale: float, callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None, mu=None):
+        run, buf, tables = self.prepare(latents, feats, mask, grid, num_inference_steps, guidance_scale, mu)
         bar = tqdm(total=num_inference_steps, **{"disable": False, "leave": False, **self.pipe._progress})
         for i in range(num_inference_steps):
             if i:
@@ -187,7 +207,7 @@ class LensEngine:
                 self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, buf, tables, i, extra)
             bar.update()
         bar.close()
-        return buf.latents.to(model.dtype, copy=True)
+        return buf.latents.to(self.pipe.transformer.dtype, copy=True)
 
     def _callback(self, fn, names, buf: StepBuffers, tables: StepTables, i: int, extra) -> None:
         available = {"latents": buf.latents.to(self.pipe.transformer.dtype, copy=True),
@@ -197,13 +217,11 @@ class LensEngine:
         if new is not None:
             buf.latents.copy_(new)
 
-    # -- decode (LensPipeline.postprocess's signature) ------------------------------------
+    # -- decode (what LensPipeline.postprocess runs when the engine is on) -----------------
     @torch.no_grad()
     def postprocess(self, latents, height: int, width: int, output_type: str):
         if output_type == "latent":
             return latents
-        from ..pipeline import decoded_to_output
-
         return decoded_to_output(self.decoder.decode(latents, height, width), output_type)
 
     # -- pre-warming ----------------------------------------------------------------------

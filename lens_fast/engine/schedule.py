@@ -1,9 +1,9 @@
 """Everything about a sampling call that does not depend on the latents, computed once.
 
-A Lens step's timestep embedding and every block's modulation vectors (``img_mod``,
-``txt_mod``, ``norm_out``) depend only on sigma, so for a schedule of n steps they are
-n rows that can be built in a few batched matmuls before the loop. The text stream's
-input projection (``txt_norm`` + ``txt_in``) depends only on the prompt, so it is run
+A Lens step's modulation vectors (every block's and the output head's) depend only on
+sigma, so for a schedule of n steps ``LensTransformer2DModel.modulations`` computes them
+as n rows in a few batched matmuls before the loop. The text stream's input
+(``LensTransformer2DModel.embed_text``) depends only on the prompt, so the engine runs it
 once per call instead of once per step. The loop then only copies row i of each table
 into the static buffers the (possibly graph-captured) step reads.
 
@@ -11,19 +11,27 @@ Text-length bucketing. The reference masks padded text keys in the FIRST block o
 (``mask_every_block=False``): blocks 1.. attend to the reference's own padding (zero
 features of an empty negative prompt, pad positions of the shorter prompt). Padding
 added here to reach a multiple of ``text_bucket`` does not exist in the reference, so it
-must be invisible in EVERY block:
+must be invisible in EVERY block. ``bucket_text`` gives two masks and the model's
+``block_masks`` rule picks per block:
 
-    block 0:   key valid = reference mask AND bucket-valid
-    blocks 1..: key valid = bucket-valid
+    a block the model masks:      key valid = reference mask AND bucket-valid
+    a block the model leaves open: key valid = bucket-valid
 
 Queries at bucket-pad positions compute finite garbage that no real token ever reads
 (every per-token op — norms, MLP, projections — is row-local), so results equal the
 unbucketed run up to floating-point reduction order.
+
+No dense masks where the reference has none. Both masks are prefixes of every row in the
+usual case (right-padded prompts, an empty negative prompt: length 0; bucket padding at the
+end), so ``key_limits`` turns them into per-row key limits [B], which attention takes
+without any mask (``joint_attention(txt_len=...)``: SDPA slices the keys, the Triton kernel
+bounds its key loop). Only a reference mask with holes stays a dense mask (block 0 only,
+unless ``mask_every_block``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -54,20 +62,14 @@ class StepTables:
 @torch.no_grad()
 def build_step_tables(model, num_steps: int, image_seq_len: int, device=None, mu=None) -> StepTables:
     """Tables for ``num_steps`` steps at ``image_seq_len`` image tokens (the shift mu
-    depends on both). Arithmetic as the reference: timestep ``t.to(dtype) / 1000``,
-    ``temb`` in the model dtype, ``Linear(SiLU(temb))`` per block and stream."""
+    depends on both): the model's ``modulations`` for the schedule's sigmas, with the
+    reference's arithmetic (timestep ``t.to(dtype) / 1000``, the model dtype)."""
     device = model.device if device is None else torch.device(device)
     dtype = model.dtype
     sigmas, timesteps = lens_sigmas(num_steps, image_seq_len, device=device, mu=mu)
-    sigma_in = timesteps.to(dtype) / 1000
-    temb = model.time_text_embed(sigma_in, dtype)                      # [n, dim]
-    rows = []
-    for block in model.transformer_blocks:
-        rows.append(torch.stack([block.img_mod(temb), block.txt_mod(temb)], 1))  # [n, 2, 6*dim]
-    dim = temb.shape[-1]
-    block_mods = torch.stack(rows, 1).reshape(num_steps, len(rows), 12, dim).contiguous()
-    head = model.norm_out.linear(torch.nn.functional.silu(temb).to(dtype))     # [n, 2*dim]
-    out_mods = head.reshape(num_steps, 2, dim).contiguous()
+    mods = model.modulations(timesteps.to(dtype) / 1000, dtype)
+    block_mods = torch.stack([m.rows() for m in mods.blocks], 0).permute(2, 0, 1, 3).contiguous()
+    out_mods = torch.stack(mods.out, 1).contiguous()                     # [n, 2, dim]
     dt = (sigmas[1:] - sigmas[:-1]).contiguous()
     return StepTables(sigmas=sigmas, timesteps=timesteps, dt=dt, block_mods=block_mods, out_mods=out_mods)
 
@@ -82,23 +84,21 @@ def bucket_length(text_len: int, text_bucket: Optional[int]) -> int:
     return max(text_bucket, -(-text_len // text_bucket) * text_bucket)
 
 
-@torch.no_grad()
-def project_text(model, feats: List[torch.Tensor]) -> torch.Tensor:
-    """The text stream's input, ``txt_in(concat(txt_norm_k(feat_k)))`` [B, S, dim],
-    exactly as the model's forward computes it."""
-    if model.config.multi_layer_encoder_feature:
-        txt = torch.cat([norm(f) for norm, f in zip(model.txt_norm, feats)], dim=-1)
-    else:
-        txt = model.txt_norm(feats[0])
-    return model.txt_in(txt)
+def key_limits(text_mask: torch.Tensor, text_valid: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """``bucket_text``'s two masks as per-row key limits, int32 [B]: (the reference mask's
+    lengths, or None when a row has a hole, so it stays a mask; the bucket-valid lengths,
+    always a prefix). One host synchronisation (the prefix check), before the loop."""
+    ref_len = text_mask.sum(1, dtype=torch.int32)
+    prefix = torch.arange(text_mask.shape[1], device=text_mask.device) < ref_len[:, None]
+    return (ref_len if bool(torch.equal(prefix, text_mask)) else None), text_valid.sum(1, dtype=torch.int32)
 
 
 def bucket_text(txt: torch.Tensor, mask: torch.Tensor, text_bucket: Optional[int]
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad the projected text [B, S, dim] with zero rows up to the bucket length.
 
-    Returns ``(txt [B, S_b, dim], first_block_mask [B, S_b], later_blocks_mask [B, S_b])``
-    as described in the module docstring (True = key is attended to).
+    Returns ``(txt [B, S_b, dim], reference mask AND bucket-valid [B, S_b], bucket-valid
+    [B, S_b])``, the two masks of the module docstring (True = key is attended to).
     """
     if txt.dim() != 3 or mask is None or tuple(mask.shape) != tuple(txt.shape[:2]):
         raise ValueError(f"text [B, S, dim] and mask [B, S] must agree; got {tuple(txt.shape)} and "

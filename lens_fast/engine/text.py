@@ -146,22 +146,21 @@ def _empty_cache(device: torch.device) -> None:
 
 
 class TextEncoding:
-    """The pipeline's ``_encode`` with a cache and optional offload in front of it."""
+    """The prompt cache and the offload a pipeline puts in front of its text encoder
+    (``LensPipeline.text_encoding``; ``LensPipeline._encode`` calls it)."""
 
-    def __init__(self, pipe, encode: Callable, cache_size: int = 32, offload: Optional[TextEncoderOffload] = None):
-        self.pipe, self._encode = pipe, encode
+    def __init__(self, cache_size: int = 32, offload: Optional[TextEncoderOffload] = None):
         self.cache = PromptCache(cache_size)
         self.offload = offload
 
-    def __call__(self, prompts: List[str], max_sequence_length: int, device):
-        te = self.pipe.text_encoder
-        key = cache_key(te, prompts, max_sequence_length, device)
+    def __call__(self, text_encoder, prompts: List[str], max_sequence_length: int, device,
+                 encode: Callable[[], Tuple[List[torch.Tensor], torch.Tensor]]):
+        """``encode()`` (the encoder's own call) answered from the cache, else run with the
+        encoder brought to ``device`` when offloading; returns (features list, mask)."""
+        key = cache_key(text_encoder, prompts, max_sequence_length, device)
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        if self.offload is not None:
-            feats, mask = self.offload.run(device, lambda: self._encode(prompts, max_sequence_length, device))
-        else:
-            feats, mask = self._encode(prompts, max_sequence_length, device)
+        feats, mask = self.offload.run(device, encode) if self.offload is not None else encode()
         self.cache.put(key, feats, mask)
         return list(feats), mask

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from ..errors import CorruptFile, InvalidValue, MissingFile
 
@@ -20,26 +20,47 @@ def read_json(path: str):
 
 
 class Config(dict):
-    """A ``config.json`` as a dict whose keys are also attributes (as diffusers' FrozenDict)."""
+    """A ``config.json`` as a dict whose keys are also attributes (as diffusers' FrozenDict).
+
+    ``defaults`` are the official keys, always present. ``extensions`` are lens_fast's own
+    options, absent from official folders: an absent one means its default (the reference
+    behaviour), and one is kept in the dict, hence written to ``config.json``, only while it
+    differs from its default, so a default model's folder holds exactly the official keys."""
 
     class_name = ""
     defaults: Dict[str, Any] = {}
+    extensions: Dict[str, Any] = {}
 
     def __getattr__(self, key):
         try:
             return self[key]
         except KeyError:
+            if key in self.extensions:
+                return self.extensions[key]
             raise AttributeError(f"{type(self).__name__} has no key {key!r}") from None
 
     @classmethod
+    def known_keys(cls) -> List[str]:
+        return sorted({**cls.defaults, **cls.extensions})
+
+    @classmethod
     def from_dict(cls, data: Dict[str, Any], source: str = "config") -> "Config":
-        unknown = sorted(k for k in data if not k.startswith("_") and k not in cls.defaults)
+        unknown = sorted(k for k in data if not k.startswith("_") and k not in cls.defaults and k not in cls.extensions)
         if unknown:
-            raise InvalidValue(f"{source}: unknown config key(s) {unknown}; expected keys from "
-                             f"{sorted(cls.defaults)}")
-        cfg = cls(**{**cls.defaults, **{k: v for k, v in data.items() if not k.startswith("_")}})
+            raise InvalidValue(f"{source}: unknown config key(s) {unknown}; expected keys from {cls.known_keys()}")
+        cfg = cls(**cls.defaults)
+        for k, v in data.items():
+            if not k.startswith("_"):
+                cfg.set(k, v)
         cfg.validate()
         return cfg
+
+    def set(self, key: str, value: Any) -> None:
+        """Set one key; an extension set to its default is dropped (see the class docstring)."""
+        if key in self.extensions and value == self.extensions[key]:
+            self.pop(key, None)
+        else:
+            self[key] = value
 
     @classmethod
     def from_json_file(cls, path: str) -> "Config":
@@ -63,6 +84,9 @@ class LensTransformerConfig(Config):
                     num_attention_heads=24, inner_dim=1536, enc_hidden_dim=2880, axes_dims_rope=[8, 28, 28],
                     gate_mlp=True, rms_norm=True, multi_layer_encoder_feature=True,
                     selected_layer_index=[5, 11, 17, 23])
+    # mask_every_block: apply the text mask in every block. The reference applies it in
+    # the first block only (LensTransformer2DModel's docstring), which is what False means.
+    extensions = dict(mask_every_block=False)
 
     def validate(self) -> None:
         for key in ("patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
@@ -76,3 +100,5 @@ class LensTransformerConfig(Config):
                              f"attention_head_dim={self['attention_head_dim']}")
         if not self["selected_layer_index"]:
             raise InvalidValue("config selected_layer_index is empty; expected the text-encoder layers to use")
+        if not isinstance(self.mask_every_block, bool):
+            raise InvalidValue(f"config mask_every_block={self.mask_every_block!r}: expected true or false")

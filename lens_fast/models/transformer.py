@@ -1,25 +1,27 @@
 """LensTransformer2DModel: the Lens dual-stream MMDiT in plain PyTorch modules.
 
 Module names mirror the official checkpoint, so ``state_dict()`` speaks the official key
-names. The glue between GEMMs goes through ``lens_fast.ops.fused`` (fused kernels when
-the backend allows, the reference math under ``LENS_FAST_BACKEND=torch``), attention
-through ``lens_fast.ops.attention.joint_attention``.
+names. The glue between GEMMs goes through ``lens_fast.ops`` (fused kernels when the
+backend allows, the reference math under ``LENS_FAST_BACKEND=torch``), attention through
+``lens_fast.ops.attention.joint_attention``. The inference engine runs this same code
+(``lens_fast.engine.denoiser``): ``run_blocks`` with precomputed ``modulations``.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import fused
 from ..ops.attention import joint_attention
-from ..ops.reference import rope_table_ref, timestep_embedding_ref
+from ..ops.norm_modulate import gated_residual_rms_norm_modulate, rms_norm_modulate
+from ..ops.qk_norm_rope import qk_norm_rope
 from .config import LensTransformerConfig
+from .embeddings import rope_table
+from .layers import AdaLayerNormContinuous, FeedForward, GateMLP, LensTimestepProjEmbeddings, RMSNorm
 from .loading import ModelLoadingMixin
 
 FP16_MAX = 65504.0
@@ -38,130 +40,27 @@ torch.utils._pytree.register_pytree_node(
     Transformer2DModelOutput, lambda o: ([o.sample], None), lambda values, _: Transformer2DModelOutput(*values))
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm with weight; statistics in float32 (diffusers semantics)."""
+class BlockModulation(NamedTuple):
+    """One block's adaLN vectors for one timestep: per stream (shift1, scale1, gate1, shift2,
+    scale2, gate2), each [B, dim]. ``LensTransformerBlock.modulation`` computes them."""
+    img: Tuple[torch.Tensor, ...]
+    txt: Tuple[torch.Tensor, ...]
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor) -> "BlockModulation":
+        """Views of a packed [12, B, dim] table: image rows 0-5, text rows 6-11."""
+        return cls(tuple(rows[:6].unbind(0)), tuple(rows[6:].unbind(0)))
 
-    def forward(self, x):
-        return fused.rms_norm(x, self.weight, self.eps)
-
-
-class GateMLP(nn.Module):
-    """SwiGLU ``w2(silu(w1 x) * w3 x)``, no biases.
-
-    ``fuse()`` (inference; see ``LensTransformer2DModel.fuse_projections``) replaces w1
-    and w3 by one Linear ``w13`` holding [w1; w3], so both projections run as one GEMM
-    followed by the fused ``swiglu`` kernel. ``state_dict()`` / ``load_state_dict()``
-    keep speaking the official ``w1.weight`` / ``w3.weight`` keys either way (state-dict
-    hooks), so checkpoints never see ``w13``. Training keeps w1 and w3 separate (FSDP2
-    shards the plain modules; ``silu_mul`` fuses the activation there).
-    """
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.hidden = hidden
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.register_state_dict_post_hook(_emit_w1_w3)
-        self.register_load_state_dict_pre_hook(_read_w1_w3)
-
-    @property
-    def fused(self) -> bool:
-        return "w13" in self._modules
-
-    def fuse(self) -> "GateMLP":
-        """One [2*hidden, dim] weight for w1 and w3. Idempotent."""
-        if self.fused:
-            return self
-        w1, w3 = self.w1.weight, self.w3.weight
-        w13 = nn.Linear(w1.shape[1], 2 * self.hidden, bias=False, device="meta")
-        w13.weight = nn.Parameter(torch.cat([w1.detach(), w3.detach()], 0), requires_grad=w1.requires_grad)
-        del self.w1, self.w3
-        self.w13 = w13
-        return self
-
-    def forward(self, x):
-        if self.fused:
-            return self.w2(fused.swiglu(self.w13(x)))
-        return self.w2(fused.silu_mul(self.w1(x), self.w3(x)))
+    def rows(self) -> torch.Tensor:
+        """The packed [12, ..., dim] table (``from_rows``'s inverse)."""
+        return torch.stack([*self.img, *self.txt], 0)
 
 
-def _emit_w1_w3(module: GateMLP, state_dict, prefix, local_metadata) -> None:
-    """state_dict of a fused GateMLP: the official w1/w3 keys, as views of w13 (disjoint
-    row ranges of one storage, which safetensors saves without copies)."""
-    if module.fused:
-        w13 = state_dict.pop(prefix + "w13.weight").detach()
-        state_dict[prefix + "w1.weight"] = w13[:module.hidden]
-        state_dict[prefix + "w3.weight"] = w13[module.hidden:]
-
-
-def _read_w1_w3(module: GateMLP, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                error_msgs) -> None:
-    """load_state_dict into a fused GateMLP from the official w1/w3 keys."""
-    k1, k3 = prefix + "w1.weight", prefix + "w3.weight"
-    if module.fused and k1 in state_dict and k3 in state_dict:
-        state_dict[prefix + "w13.weight"] = torch.cat([state_dict.pop(k1), state_dict.pop(k3)], 0)
-
-
-class GeluProj(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-
-    def forward(self, x):
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """The non-gated MLP variant (``gate_mlp=False``): diffusers' gelu-approximate
-    FeedForward with its key names ``net.0.proj`` / ``net.2``."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.ModuleList([GeluProj(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x):
-        for m in self.net:
-            x = m(x)
-        return x
-
-
-class TimestepEmbedding(nn.Module):
-    def __init__(self, in_channels: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_channels, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class LensTimestepProjEmbeddings(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedding(256, dim)
-
-    def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.timestep_embedder(timestep_embedding_ref(sigma, 256).to(dtype))
-
-
-class AdaLayerNormContinuous(nn.Module):
-    """Output head: LayerNorm (no affine) modulated by ``Linear(SiLU(temb))`` -> (scale, shift)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.linear = nn.Linear(dim, 2 * dim)
-
-    def forward(self, x, temb):
-        emb = self.linear(F.silu(temb).to(x.dtype))
-        scale, shift = emb.chunk(2, dim=1)
-        return fused.layer_norm_modulate(x, shift, scale, self.eps)
+class StepModulation(NamedTuple):
+    """Every modulation of the model for one timestep: one ``BlockModulation`` per block and
+    the output head's (scale, shift)."""
+    blocks: List[BlockModulation]
+    out: Tuple[torch.Tensor, torch.Tensor]
 
 
 class LensJointAttention(nn.Module):
@@ -178,18 +77,20 @@ class LensJointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
         self.to_add_out = nn.Linear(inner, dim)
 
-    def forward(self, img, txt, rope, txt_mask):
+    def forward(self, img, txt, rope, txt_mask, txt_len=None):
+        """``txt_mask`` [B, S] bool, or ``txt_len`` [B] (per-row count of leading valid text
+        keys: the same as a prefix mask, with no mask), or neither (see ``joint_attention``)."""
         n = img.shape[1]
-        q, k, v = fused.qk_norm_rope(self.img_qkv(img), self.txt_qkv(txt), self.heads,
-                                     self.norm_q.weight, self.norm_k.weight,
-                                     self.norm_added_q.weight, self.norm_added_k.weight,
-                                     rope, self.eps)
+        q, k, v = qk_norm_rope(self.img_qkv(img), self.txt_qkv(txt), self.heads,
+                               self.norm_q.weight, self.norm_k.weight,
+                               self.norm_added_q.weight, self.norm_added_k.weight,
+                               rope, self.eps)
         if q.dtype != v.dtype:
             # Under autocast the linears give bf16 v while RMSNorm with float32 weights and
             # the float32 RoPE give float32 q, k; autocast's SDPA would run all three in the
             # autocast dtype, so do the same (without autocast the dtypes already agree).
             q, k = q.to(v.dtype), k.to(v.dtype)
-        out = joint_attention(q, k, v, txt_mask, n_img=n).flatten(2).to(q.dtype)
+        out = joint_attention(q, k, v, txt_mask, n_img=n, txt_len=txt_len).flatten(2).to(q.dtype)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
 
@@ -208,31 +109,32 @@ class LensTransformerBlock(nn.Module):
 
     def _norm_mod(self, norm, x, shift, scale):
         if isinstance(norm, RMSNorm):
-            return fused.rms_norm_modulate(x, norm.weight, shift, scale, self.eps)
+            return rms_norm_modulate(x, norm.weight, shift, scale, self.eps)
         return norm(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
     def _residual_norm_mod(self, norm, x, y, gate, shift, scale):
         if isinstance(norm, RMSNorm):
-            return fused.gated_residual_rms_norm_modulate(x, y, gate, norm.weight, shift, scale, self.eps)
+            return gated_residual_rms_norm_modulate(x, y, gate, norm.weight, shift, scale, self.eps)
         x = x + gate.unsqueeze(1) * y
         return x, self._norm_mod(norm, x, shift, scale)
 
     # The block in four steps, so the model's loop can fuse one block's exit with the
-    # next block's entry (``exit_into``); ``forward`` runs them in turn.
-    def modulation(self, temb):
-        """(image, text) modulation, each (shift1, scale1, gate1, shift2, scale2, gate2) [B, dim]."""
-        return self.img_mod(temb).chunk(6, dim=-1), self.txt_mod(temb).chunk(6, dim=-1)
+    # next block's entry (``exit_into``) and the engine can compile ``body``, the same code
+    # for every block; ``forward_modulated`` runs them in turn.
+    def modulation(self, temb) -> BlockModulation:
+        """The block's modulation for the timestep embedding ``temb`` [B, dim]."""
+        return BlockModulation(self.img_mod(temb).chunk(6, dim=-1), self.txt_mod(temb).chunk(6, dim=-1))
 
     def entry(self, img, txt, mods):
         """norm1 + modulate of both streams: the attention inputs."""
         (i_sh1, i_sc1, *_), (t_sh1, t_sc1, *_) = mods
         return self._norm_mod(self.img_norm1, img, i_sh1, i_sc1), self._norm_mod(self.txt_norm1, txt, t_sh1, t_sc1)
 
-    def body(self, img, txt, img_in, txt_in, mods, rope, txt_mask):
+    def body(self, img, txt, img_in, txt_in, mods, rope, txt_mask, txt_len=None):
         """Attention, its gated residual fused with norm2, the MLPs. Returns the streams and
         the MLP outputs whose gated residual is still to be added."""
         (_, _, i_g1, i_sh2, i_sc2, _), (_, _, t_g1, t_sh2, t_sc2, _) = mods
-        img_attn, txt_attn = self.attn(img_in, txt_in, rope, txt_mask)
+        img_attn, txt_attn = self.attn(img_in, txt_in, rope, txt_mask, txt_len)
         img, img_h = self._residual_norm_mod(self.img_norm2, img, img_attn, i_g1, i_sh2, i_sc2)
         txt, txt_h = self._residual_norm_mod(self.txt_norm2, txt, txt_attn, t_g1, t_sh2, t_sc2)
         return img, txt, self.img_mlp(img_h), self.txt_mlp(txt_h)
@@ -255,16 +157,19 @@ class LensTransformerBlock(nn.Module):
         txt, txt_in = nxt._residual_norm_mod(nxt.txt_norm1, txt, txt_mlp, mods[1][5], t_sh1, t_sc1)
         return img, txt, img_in, txt_in
 
-    def forward(self, img, txt, temb, rope, txt_mask):
-        mods = self.modulation(temb)
+    def forward_modulated(self, img, txt, mods: BlockModulation, rope, txt_mask):
+        """The block with its modulation passed in (see ``LensTransformer2DModel.modulations``)."""
         img_in, txt_in = self.entry(img, txt, mods)
         img, txt, img_mlp, txt_mlp = self.body(img, txt, img_in, txt_in, mods, rope, txt_mask)
         return self.exit(img, txt, img_mlp, txt_mlp, mods)
 
+    def forward(self, img, txt, temb, rope, txt_mask):
+        return self.forward_modulated(img, txt, self.modulation(temb), rope, txt_mask)
+
 
 @functools.lru_cache(maxsize=64)
 def _cached_rope(h: int, w: int, txt_len: int, axes: Tuple[int, ...], device: torch.device):
-    return rope_table_ref(h, w, txt_len, axes, device=device)
+    return rope_table(h, w, txt_len, axes, device=device)
 
 
 class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
@@ -279,15 +184,14 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
                  inner_dim: Optional[int] = 1536, enc_hidden_dim: int = 2880,
                  axes_dims_rope: Sequence[int] = (8, 28, 28), gate_mlp: bool = True, rms_norm: bool = True,
                  multi_layer_encoder_feature: bool = True,
-                 selected_layer_index: Sequence[int] = (5, 11, 17, 23)):
+                 selected_layer_index: Sequence[int] = (5, 11, 17, 23), mask_every_block: bool = False):
         super().__init__()
-        self.config = LensTransformerConfig(
+        self.config = LensTransformerConfig.from_dict(dict(
             patch_size=patch_size, in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
             attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
             inner_dim=inner_dim, enc_hidden_dim=enc_hidden_dim, axes_dims_rope=list(axes_dims_rope),
             gate_mlp=gate_mlp, rms_norm=rms_norm, multi_layer_encoder_feature=multi_layer_encoder_feature,
-            selected_layer_index=list(selected_layer_index))
-        self.config.validate()
+            selected_layer_index=list(selected_layer_index), mask_every_block=mask_every_block))
         dim = num_attention_heads * attention_head_dim  # inner dim is always heads x head_dim
         self.inner_dim = dim
         self.out_channels = out_channels or in_channels
@@ -305,12 +209,29 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         self.norm_out = AdaLayerNormContinuous(dim, 1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
         self.gradient_checkpointing = False
-        # The reference applies the text mask in the FIRST block only: its blocks pop
-        # "attention_mask" from one kwargs dict shared by all of them, so blocks 1..L-1
-        # attend to padded text tokens too. The official numbers (and the conformance
-        # data) come from that behaviour, so it is the default. True masks every block
-        # (what lens-reference.md describes); it changes outputs wherever text is padded.
-        self.mask_every_block = False
+
+    @property
+    def mask_every_block(self) -> bool:
+        """Whether the text mask applies in every block (config key ``mask_every_block``).
+
+        The reference applies it in the FIRST block only: its blocks pop "attention_mask"
+        from one kwargs dict shared by all of them, so blocks 1..L-1 attend to padded text
+        tokens too. The official numbers (and the conformance data) come from that, so it is
+        the default, and what a folder without the key means. True masks every block (what
+        lens-reference.md describes); it changes outputs wherever text is padded. Setting it
+        changes the config, so ``save_pretrained`` and the trainer's export keep it."""
+        return self.config.mask_every_block
+
+    @mask_every_block.setter
+    def mask_every_block(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"mask_every_block={value!r}: expected True or False")
+        self.config.set("mask_every_block", value)
+
+    def block_masks(self, mask: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """The text mask each block attends with: ``mask`` for block 0, and for the others
+        ``mask`` with ``mask_every_block``, else None (see ``mask_every_block``)."""
+        return [mask if (i == 0 or self.mask_every_block) else None for i in range(len(self.transformer_blocks))]
 
     # -- conveniences users of diffusers expect ---------------------------------------
     @property
@@ -337,33 +258,71 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
                 module.fuse()
         return self
 
-    # -- block loop ---------------------------------------------------------------------
-    def _can_chain_blocks(self, img, txt) -> bool:
-        """Whether the loop may fuse each block's exit with the next block's entry. That
-        calls block methods directly, so only plain blocks qualify (FSDP2, checkpoint
-        wrappers, hooks and ``Module.compile`` act on ``__call__`` and would be bypassed);
-        not under per-block gradient checkpointing, nor in float16 (the per-block clamp)."""
-        if torch.float16 in (img.dtype, txt.dtype) or (torch.is_grad_enabled() and self.gradient_checkpointing):
+    # -- the pieces of the forward, public for the engine --------------------------------
+    def embed_text(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The text stream's input [B, S, dim]: each selected layer's features RMS-normed,
+        concatenated, projected by ``txt_in``."""
+        if self.config.multi_layer_encoder_feature:
+            txt = torch.cat([norm(f) for norm, f in zip(self.txt_norm, encoder_hidden_states)], dim=-1)
+        else:
+            txt = self.txt_norm(encoder_hidden_states[0])
+        return self.txt_in(txt)
+
+    def time_embedding(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``temb`` [B, dim] for sigmas [B] (the reference's timestep / 1000)."""
+        return self.time_text_embed(sigma, dtype)
+
+    def modulations(self, sigma: torch.Tensor, dtype: Optional[torch.dtype] = None) -> StepModulation:
+        """Every block's and the output head's modulation for sigmas [B] (a function of sigma
+        alone: the engine computes a whole schedule's in one batch of B = steps)."""
+        dtype = self.dtype if dtype is None else dtype
+        temb = self.time_embedding(sigma, dtype)
+        return StepModulation([block.modulation(temb) for block in self.transformer_blocks],
+                              self.norm_out.modulation(temb, dtype))
+
+    def run_blocks(self, img, txt, mods: Sequence[BlockModulation], rope, masks: Sequence[Optional[torch.Tensor]],
+                   body: Optional[Callable] = None, lengths: Optional[Sequence[Optional[torch.Tensor]]] = None):
+        """All blocks on (img, txt) with their modulations passed in, calling the block
+        methods directly (so only for plain blocks; ``forward`` checks). Outside float16
+        (whose per-block clamp sits in between) block i's MLP residual is fused with block
+        i+1's norm1 (``exit_into``): the same math as calling the blocks in turn, one read of
+        each stream fewer per block. ``body`` replaces ``LensTransformerBlock.body`` (called
+        as ``body(block, ...)``), e.g. by a compiled version of it (the engine). ``lengths``:
+        per block, text key limits [B] in place of (or beside a None in) ``masks``."""
+        blocks = list(self.transformer_blocks)
+        if not blocks:
+            return img, txt
+        body = LensTransformerBlock.body if body is None else body
+        chain = torch.float16 not in (img.dtype, txt.dtype)
+        img_in, txt_in = blocks[0].entry(img, txt, mods[0])
+        for i, block in enumerate(blocks):
+            txt_len = None if lengths is None else lengths[i]
+            img, txt, img_mlp, txt_mlp = body(block, img, txt, img_in, txt_in, mods[i], rope, masks[i], txt_len)
+            if i + 1 == len(blocks):
+                return block.exit(img, txt, img_mlp, txt_mlp, mods[i])
+            if chain:
+                img, txt, img_in, txt_in = block.exit_into(blocks[i + 1], img, txt, img_mlp, txt_mlp, mods[i],
+                                                           mods[i + 1])
+            else:
+                img, txt = block.exit(img, txt, img_mlp, txt_mlp, mods[i])
+                img_in, txt_in = blocks[i + 1].entry(img, txt, mods[i + 1])
+
+    def project_output(self, img, out_modulation: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``proj_out(norm_out(img))`` with the output head's (scale, shift) passed in."""
+        return self.proj_out(self.norm_out.modulate(img, out_modulation))
+
+    def _calls_blocks_directly(self) -> bool:
+        """Whether ``forward`` may call block methods directly (``run_blocks``): only plain
+        blocks qualify (FSDP2, checkpoint wrappers, hooks and ``Module.compile`` act on
+        ``__call__`` and would be bypassed), and not under per-block gradient checkpointing."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
             return False
         return all(type(b) is LensTransformerBlock and not b._forward_hooks and not b._forward_pre_hooks
                    and getattr(b, "_compiled_call_impl", None) is None for b in self.transformer_blocks)
 
-    def _chained_blocks(self, img, txt, temb, rope, mask):
-        """All blocks, block i's MLP residual fused with block i+1's norm1: the same math
-        as calling the blocks in turn, one read of each stream fewer per block."""
-        blocks = list(self.transformer_blocks)
-        if not blocks:
-            return img, txt
-        mods = blocks[0].modulation(temb)
-        img_in, txt_in = blocks[0].entry(img, txt, mods)
-        for i, block in enumerate(blocks):
-            block_mask = mask if (i == 0 or self.mask_every_block) else None
-            img, txt, img_mlp, txt_mlp = block.body(img, txt, img_in, txt_in, mods, rope, block_mask)
-            if i + 1 == len(blocks):
-                return block.exit(img, txt, img_mlp, txt_mlp, mods)
-            next_mods = blocks[i + 1].modulation(temb)
-            img, txt, img_in, txt_in = block.exit_into(blocks[i + 1], img, txt, img_mlp, txt_mlp, mods, next_mods)
-            mods = next_mods
+    def _can_chain_blocks(self, img, txt) -> bool:
+        """Whether ``forward`` fuses each block's exit with the next block's entry."""
+        return torch.float16 not in (img.dtype, txt.dtype) and self._calls_blocks_directly()
 
     def rope_table(self, h: int, w: int, txt_len: int, device) -> torch.Tensor:
         """The RoPE table of the joint sequence, cached per (h, w, text length, device)."""
@@ -422,23 +381,20 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
             mask = mask.to(device=hidden_states.device, dtype=torch.bool)
         img = self.img_in(hidden_states)
         sigma = timestep.to(img.dtype).reshape(-1).expand(b)
-        if self.config.multi_layer_encoder_feature:
-            txt = torch.cat([norm(f) for norm, f in zip(self.txt_norm, feats)], dim=-1)
-        else:
-            txt = self.txt_norm(feats[0])
-        txt = self.txt_in(txt)
-        temb = self.time_text_embed(sigma, img.dtype)
+        txt = self.embed_text(feats)
+        temb = self.time_embedding(sigma, img.dtype)
         rope = self.rope_table(h, w, txt.shape[1], img.device)
-        if self._can_chain_blocks(img, txt):
-            img, txt = self._chained_blocks(img, txt, temb, rope, mask)
+        masks = self.block_masks(mask)
+        if self._calls_blocks_directly():
+            mods = [block.modulation(temb) for block in self.transformer_blocks]
+            img, txt = self.run_blocks(img, txt, mods, rope, masks)
         else:
-            for i, block in enumerate(self.transformer_blocks):
-                block_mask = mask if (i == 0 or self.mask_every_block) else None
+            for block, block_mask in zip(self.transformer_blocks, masks):
                 if torch.is_grad_enabled() and self.gradient_checkpointing:
                     img, txt = checkpoint(block, img, txt, temb, rope, block_mask, use_reentrant=False)
                 else:
                     img, txt = block(img, txt, temb, rope, block_mask)
-        out = self.proj_out(self.norm_out(img, temb))
+        out = self.project_output(img, self.norm_out.modulation(temb, img.dtype))
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)

@@ -1,5 +1,5 @@
 """Helpers shared by the fused-op launchers: output allocation (NaN-poisoned in tests),
-lazy kernel imports, dtype/layout checks used by the backends' ``supports`` rules."""
+lazy kernel imports, dtype/layout checks used by the backends' dispatch rules."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import dispatch, optional
+from . import optional
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tests set this (or LENS_FAST_POISON_OUTPUTS=1) so every buffer a kernel is meant to
@@ -22,20 +22,6 @@ def empty(shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS and t.is_floating_point():
         t.fill_(float("nan"))
     return t
-
-
-def runs_reference(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether an eager call resolves to the torch backend for every fused op: forced
-    (``LENS_FAST_BACKEND=torch``), or auto with CPU tensors (dispatch never auto-picks the
-    Triton interpreter or CUDA there). The entry points then run the reference directly,
-    with plain autograd and no custom-op overhead. Never under torch.compile: there every
-    call is the custom op (no graph break), which runs the same reference inside."""
-    if torch.compiler.is_compiling():
-        return False
-    forced = dispatch.forced_backend()
-    if forced is not None:
-        return forced == "torch"
-    return not any(t is not None and t.is_cuda for t in tensors)
 
 
 def triton_kernels(name: str):

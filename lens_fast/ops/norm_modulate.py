@@ -1,7 +1,8 @@
-"""The adaLN chain as custom ops: rms_norm, rms_norm_modulate,
-gated_residual_rms_norm_modulate, layer_norm_modulate.
+"""The adaLN chain of the Lens block: ``rms_norm``, ``rms_norm_modulate``,
+``gated_residual_rms_norm_modulate``, ``layer_norm_modulate``, top to bottom: the PyTorch
+references, the backends, the custom ops (fake + autograd), the public entry points.
 
-Each is one ``torch.library.custom_op`` (``lens_fast::<name>``) with a fake (meta)
+Each op is one ``torch.library.custom_op`` (``lens_fast::<name>``) with a fake (meta)
 implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` traces
 through it; the op body picks its backend at run time with ``dispatch.select``:
 ``cuda`` (csrc/norm_modulate.cu, forward only) -> ``triton`` (kernels/norm_modulate.py)
@@ -9,27 +10,67 @@ through it; the op body picks its backend at run time with ``dispatch.select``:
 per-row statistics (rstd, and mean for LayerNorm), so one shared backward op
 (``lens_fast::norm_modulate_backward``: triton -> torch) serves all of them whichever
 backend ran the forward. The torch backward differentiates the reference with autograd
-(``torch.func.vjp``, which works inside a custom op).
+(``torch.func.vjp``, which works inside a custom op). An eager call whose backend is
+``torch`` (forced, or auto on CPU tensors) runs the reference directly, with plain
+autograd and no custom-op overhead.
 
-NOTE (measured on the 2-core CI CPU, torch 2.13, tiny tensors; bench/test_ops_cpu.py):
-``dispatch.select`` 14-26 us per call; rms_norm_modulate forward: reference 25 us, the
-eager entry point (CPU: the reference path) 30 us, the custom op with the torch backend
-inside 77 us (reference + statistics + ~40 us of wrapper and select, which a kernel
-backend pays on the host too). Forward + backward: reference 138 us, entry point 151 us,
-custom op 625 us (its vjp; only compiled graphs and dtype fallbacks take that path).
+References: norm statistics in float32 whatever the input dtype (as the reference);
+RMSNorm follows diffusers (normalise in float32; with a half/bf16 weight the result is
+cast to the weight dtype before the weight multiply).
+
+NOTE (measured on the 2-core CI CPU, torch 2.13, tiny tensors, 2026-12-06;
+``bench/dispatch_cost.py``, ``bench/results/dispatch_cpu2_2026-12-06``): the cached backend
+decision costs 1.5 us (3.2 us where kernel backends are candidates); rms_norm_modulate
+forward: reference 24 us, the eager entry point (CPU: the reference path) 30 us, the custom
+op with the torch backend inside 55-57 us (``torch.library`` wrapper and statistics, which
+a kernel backend pays on the host too; only compiled graphs take it on the CPU).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .kernel_utils import (aligned16, cuda_ext, cuda_ext_has, empty, next_pow2, no_alias, one_float_dtype,
-                           rms_norm_out_dtype, row_major, sm_count, triton_kernels)
-from .reference import (gated_residual_rms_norm_modulate_ref, layer_norm_modulate_ref, rms_norm_modulate_ref,
-                        rms_norm_ref)
+from .kernel_utils import (KERNEL_DTYPES, aligned16, cuda_ext, cuda_ext_has, empty, next_pow2, no_alias,
+                           one_float_dtype, rms_norm_out_dtype, row_major, sm_count, triton_kernels)
+
+
+# ----------------------------------------------------------------------------- references
+
+def rms_norm_ref(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    input_dtype = x.dtype
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    y = x * torch.rsqrt(variance + eps)
+    if weight is None:
+        return y.to(input_dtype)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        y = y.to(weight.dtype)
+    return y * weight
+
+
+def modulate_ref(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """``x * (1 + scale) + shift`` with per-sample [B, C] shift/scale."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def rms_norm_modulate_ref(x, weight, shift, scale, eps: float):
+    return modulate_ref(rms_norm_ref(x, weight, eps), shift, scale)
+
+
+def gated_residual_rms_norm_modulate_ref(x, y, gate, weight, shift, scale, eps: float):
+    """``x' = x + gate * y`` then ``(x', modulate(rmsnorm(x')))``: one sub-layer's exit
+    fused with the next sub-layer's entry."""
+    x = x + gate.unsqueeze(1) * y
+    return x, rms_norm_modulate_ref(x, weight, shift, scale, eps)
+
+
+def layer_norm_modulate_ref(x, shift, scale, eps: float):
+    """Output head: LayerNorm without affine, then ``x * (1 + scale) + shift``."""
+    return modulate_ref(F.layer_norm(x, (x.shape[-1],), None, None, eps), shift, scale)
+
 
 FORWARD_OPS = ("rms_norm", "rms_norm_modulate", "gated_residual_rms_norm_modulate", "layer_norm_modulate")
 BACKWARD_OP = "norm_modulate_backward"
@@ -116,29 +157,36 @@ def _forward_cuda(x, y, gate, weight, shift, scale, eps, layer):
     return res, out, mean, rstd
 
 
-def _kernel_inputs_ok(x, y, gate, weight, shift, scale) -> bool:
+def _kernel_dtype(device_type, dtype, **_info) -> bool:
+    return dtype in KERNEL_DTYPES
+
+
+def _triton_accepts(device_type, dtype, **info) -> bool:
+    return dispatch.triton_accepts(device_type) and _kernel_dtype(device_type, dtype)
+
+
+def _triton_fits(x, y=None, gate=None, weight=None, shift=None, scale=None) -> bool:
     return x.dim() == 3 and one_float_dtype(x, y, gate, weight, shift, scale)
 
 
-def _triton_supports(x, y=None, gate=None, weight=None, shift=None, scale=None, **_k) -> bool:
-    return dispatch.triton_supports(x) and _kernel_inputs_ok(x, y, gate, weight, shift, scale)
-
-
-def _cuda_supports(x, y=None, gate=None, weight=None, shift=None, scale=None, **_k) -> bool:
-    return (dispatch.on_gpu(x) and _kernel_inputs_ok(x, y, gate, weight, shift, scale)
-            and x.shape[-1] * x.element_size() <= CUDA_MAX_ROW_BYTES and aligned16(x, y, gate, weight, shift, scale))
+def _cuda_fits(x, y=None, gate=None, weight=None, shift=None, scale=None) -> bool:
+    return (_triton_fits(x, y, gate, weight, shift, scale) and x.shape[-1] * x.element_size() <= CUDA_MAX_ROW_BYTES
+            and aligned16(x, y, gate, weight, shift, scale))
 
 
 _FORWARD = {"cuda": _forward_cuda, "triton": _forward_triton, "torch": _forward_torch}
 for _op in FORWARD_OPS:
-    dispatch.register(_op, "cuda", available=lambda: cuda_ext_has("norm_modulate_fwd"), supports=_cuda_supports)
+    dispatch.register(_op, "cuda", available=lambda: cuda_ext_has("norm_modulate_fwd"),
+                      accepts=lambda device_type, dtype, **i: device_type == "cuda" and dtype in KERNEL_DTYPES,
+                      fits=_cuda_fits)
     dispatch.register(_op, "triton", available=lambda: dispatch.family_available("triton"),
-                      supports=_triton_supports)
+                      accepts=_triton_accepts, fits=_triton_fits)
     dispatch.register(_op, "torch")
 
 
-def _forward(op, x, y, gate, weight, shift, scale, eps, layer):
-    name = dispatch.select(op, x, y, gate, weight, shift, scale)
+def _forward(op, x, y, gate, weight, shift, scale, eps, layer, backend):
+    """``backend``: the entry point's decision, or "" (under torch.compile) to decide here."""
+    name = backend or dispatch.select(op, x, y, gate, weight, shift, scale)
     return _FORWARD[name](x, y, gate, weight, shift, scale, eps, layer)
 
 
@@ -224,13 +272,12 @@ def _backward_torch(dout, dres, xn, y, gate, weight, shift, scale, mean, rstd, e
     return dx, dy, dgate, dw, dshift, dscale
 
 
-def _backward_supports(dout, xn, *rest, **_k) -> bool:
-    return dispatch.triton_supports(dout, xn) and one_float_dtype(*[t for t in (dout, xn, *rest) if t is not None]) \
-        and xn.dim() == 3
+def _backward_fits(dout, xn, *rest) -> bool:
+    return xn.dim() == 3 and one_float_dtype(dout, xn, *rest)
 
 
 dispatch.register(BACKWARD_OP, "triton", available=lambda: dispatch.family_available("triton"),
-                  supports=_backward_supports)
+                  accepts=_triton_accepts, fits=_backward_fits)
 dispatch.register(BACKWARD_OP, "torch")
 _BACKWARD = {"triton": _backward_triton, "torch": _backward_torch}
 
@@ -262,21 +309,21 @@ def _grads(ctx, dout, dres, xn, y, gate, weight, shift, scale, mean, rstd):
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("lens_fast::rms_norm", mutates_args=())
-def rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+def rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float, backend: str = "") -> Tuple[Tensor, Tensor]:
     """RMSNorm over the last dim of any [..., C] tensor; returns (y, rstd float32 [...])."""
     x3 = x.reshape(1, -1, x.shape[-1])
-    _, out, _, rstd = _forward("rms_norm", x3, None, None, weight, None, None, eps, False)
+    _, out, _, rstd = _forward("rms_norm", x3, None, None, weight, None, None, eps, False, backend)
     return out.view(x.shape), rstd.view(x.shape[:-1])
 
 
 @rms_norm_op.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, backend=""):
     _, dtype = out_dtype(x, None, None, weight, None, None, False)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _rms_setup(ctx, inputs, output):
-    x, weight, eps = inputs
+    x, weight, eps, _ = inputs
     ctx.eps, ctx.layer = eps, False
     ctx.save_for_backward(x, weight, output[1])
     ctx.mark_non_differentiable(output[1])
@@ -287,27 +334,27 @@ def _rms_backward(ctx, dout, _drstd):
     c = x.shape[-1]
     dx, _, _, dw, _, _ = _grads(ctx, dout.reshape(1, -1, c), None, x.reshape(1, -1, c), None, None, weight,
                                 None, None, None, rstd.reshape(1, -1))
-    return dx.view(x.shape), dw, None
+    return dx.view(x.shape), dw, None, None
 
 
 rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 
 @torch.library.custom_op("lens_fast::rms_norm_modulate", mutates_args=())
-def rms_norm_modulate_op(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor,
-                         eps: float) -> Tuple[Tensor, Tensor]:
-    _, out, _, rstd = _forward("rms_norm_modulate", x, None, None, weight, shift, scale, eps, False)
+def rms_norm_modulate_op(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                         backend: str = "") -> Tuple[Tensor, Tensor]:
+    _, out, _, rstd = _forward("rms_norm_modulate", x, None, None, weight, shift, scale, eps, False, backend)
     return out, rstd
 
 
 @rms_norm_modulate_op.register_fake
-def _(x, weight, shift, scale, eps):
+def _(x, weight, shift, scale, eps, backend=""):
     _, dtype = out_dtype(x, None, None, weight, shift, scale, False)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _rmm_setup(ctx, inputs, output):
-    x, weight, shift, scale, eps = inputs
+    x, weight, shift, scale, eps, _ = inputs
     ctx.eps, ctx.layer = eps, False
     ctx.save_for_backward(x, weight, shift, scale, output[1])
     ctx.mark_non_differentiable(output[1])
@@ -316,7 +363,7 @@ def _rmm_setup(ctx, inputs, output):
 def _rmm_backward(ctx, dout, _drstd):
     x, weight, shift, scale, rstd = ctx.saved_tensors
     dx, _, _, dw, dshift, dscale = _grads(ctx, dout, None, x, None, None, weight, shift, scale, None, rstd)
-    return dx, dw, dshift, dscale, None
+    return dx, dw, dshift, dscale, None, None
 
 
 rms_norm_modulate_op.register_autograd(_rmm_backward, setup_context=_rmm_setup)
@@ -324,20 +371,21 @@ rms_norm_modulate_op.register_autograd(_rmm_backward, setup_context=_rmm_setup)
 
 @torch.library.custom_op("lens_fast::gated_residual_rms_norm_modulate", mutates_args=())
 def gated_residual_rms_norm_modulate_op(x: Tensor, y: Tensor, gate: Tensor, weight: Tensor, shift: Tensor,
-                                        scale: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    res, out, _, rstd = _forward("gated_residual_rms_norm_modulate", x, y, gate, weight, shift, scale, eps, False)
+                                        scale: Tensor, eps: float, backend: str = "") -> Tuple[Tensor, Tensor, Tensor]:
+    res, out, _, rstd = _forward("gated_residual_rms_norm_modulate", x, y, gate, weight, shift, scale, eps, False,
+                                 backend)
     return res, out, rstd
 
 
 @gated_residual_rms_norm_modulate_op.register_fake
-def _(x, y, gate, weight, shift, scale, eps):
+def _(x, y, gate, weight, shift, scale, eps, backend=""):
     stream, dtype = out_dtype(x, y, gate, weight, shift, scale, False)
     return (x.new_empty(x.shape, dtype=stream), x.new_empty(x.shape, dtype=dtype),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
 def _grm_setup(ctx, inputs, output):
-    x, y, gate, weight, shift, scale, eps = inputs
+    x, y, gate, weight, shift, scale, eps, _ = inputs
     ctx.eps, ctx.layer = eps, False
     ctx.save_for_backward(output[0], y, gate, weight, shift, scale, output[2])
     ctx.mark_non_differentiable(output[2])
@@ -346,27 +394,28 @@ def _grm_setup(ctx, inputs, output):
 def _grm_backward(ctx, dres, dout, _drstd):
     res, y, gate, weight, shift, scale, rstd = ctx.saved_tensors
     dx, dy, dgate, dw, dshift, dscale = _grads(ctx, dout, dres, res, y, gate, weight, shift, scale, None, rstd)
-    return dx, dy, dgate, dw, dshift, dscale, None
+    return dx, dy, dgate, dw, dshift, dscale, None, None
 
 
 gated_residual_rms_norm_modulate_op.register_autograd(_grm_backward, setup_context=_grm_setup)
 
 
 @torch.library.custom_op("lens_fast::layer_norm_modulate", mutates_args=())
-def layer_norm_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    _, out, mean, rstd = _forward("layer_norm_modulate", x, None, None, None, shift, scale, eps, True)
+def layer_norm_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                           backend: str = "") -> Tuple[Tensor, Tensor, Tensor]:
+    _, out, mean, rstd = _forward("layer_norm_modulate", x, None, None, None, shift, scale, eps, True, backend)
     return out, mean, rstd
 
 
 @layer_norm_modulate_op.register_fake
-def _(x, shift, scale, eps):
+def _(x, shift, scale, eps, backend=""):
     _, dtype = out_dtype(x, None, None, None, shift, scale, True)
     stat = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return x.new_empty(x.shape, dtype=dtype), stat, stat.new_empty(stat.shape)
 
 
 def _lnm_setup(ctx, inputs, output):
-    x, shift, scale, eps = inputs
+    x, shift, scale, eps, _ = inputs
     ctx.eps, ctx.layer = eps, True
     ctx.save_for_backward(x, shift, scale, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
@@ -375,7 +424,69 @@ def _lnm_setup(ctx, inputs, output):
 def _lnm_backward(ctx, dout, _dmean, _drstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
     dx, _, _, _, dshift, dscale = _grads(ctx, dout, None, x, None, None, None, shift, scale, mean, rstd)
-    return dx, dshift, dscale, None
+    return dx, dshift, dscale, None, None
 
 
 layer_norm_modulate_op.register_autograd(_lnm_backward, setup_context=_lnm_setup)
+
+
+# ----------------------------------------------------------------------------- entry points
+# What the model calls. Each checks its inputs and decides the backend once: the reference
+# directly when it is torch (eager: plain autograd, no custom-op overhead), else the custom
+# op with the decision passed in (which is also what torch.compile sees, with no graph
+# break; there the op's body decides at run time).
+
+def check_modulation(x: Tensor, **vectors: Optional[Tensor]) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, L, C]; got shape {tuple(x.shape)}")
+    b, _, c = x.shape
+    for name, v in vectors.items():
+        if tuple(v.shape) != (b, c):
+            raise ValueError(f"{name} has shape {tuple(v.shape)}; expected per-sample [B={b}, C={c}]")
+
+
+def _check_weight(x: Tensor, weight: Optional[Tensor]) -> None:
+    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected [C={x.shape[-1]}]")
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """RMSNorm over the last dim (float32 statistics), times ``weight`` when given."""
+    _check_weight(x, weight)
+    backend = dispatch.entry_backend("rms_norm", x.reshape(1, -1, x.shape[-1]), None, None, weight)
+    if backend == "torch":
+        return rms_norm_ref(x, weight, eps)
+    return rms_norm_op(x, weight, float(eps), backend)[0]
+
+
+def rms_norm_modulate(x: Tensor, weight: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """``rmsnorm(x) * weight * (1 + scale) + shift`` with per-sample [B, C] shift/scale."""
+    check_modulation(x, shift=shift, scale=scale)
+    _check_weight(x, weight)
+    backend = dispatch.entry_backend("rms_norm_modulate", x, None, None, weight, shift, scale)
+    if backend == "torch":
+        return rms_norm_modulate_ref(x, weight, shift, scale, eps)
+    return rms_norm_modulate_op(x, weight, shift, scale, float(eps), backend)[0]
+
+
+def gated_residual_rms_norm_modulate(x: Tensor, y: Tensor, gate: Tensor, weight: Tensor, shift: Tensor,
+                                     scale: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """``x' = x + gate * y``; returns ``(x', rms_norm_modulate(x'))``."""
+    check_modulation(x, gate=gate, shift=shift, scale=scale)
+    _check_weight(x, weight)
+    if y.shape != x.shape:
+        raise ValueError(f"y has shape {tuple(y.shape)}; expected x's shape {tuple(x.shape)}")
+    backend = dispatch.entry_backend("gated_residual_rms_norm_modulate", x, y, gate, weight, shift, scale)
+    if backend == "torch":
+        return gated_residual_rms_norm_modulate_ref(x, y, gate, weight, shift, scale, eps)
+    res, out, _ = gated_residual_rms_norm_modulate_op(x, y, gate, weight, shift, scale, float(eps), backend)
+    return res, out
+
+
+def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine (float32 statistics), then ``* (1 + scale) + shift``."""
+    check_modulation(x, shift=shift, scale=scale)
+    backend = dispatch.entry_backend("layer_norm_modulate", x, None, None, None, shift, scale)
+    if backend == "torch":
+        return layer_norm_modulate_ref(x, shift, scale, eps)
+    return layer_norm_modulate_op(x, shift, scale, float(eps), backend)[0]

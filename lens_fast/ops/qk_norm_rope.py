@@ -1,11 +1,15 @@
-"""``lens_fast::qk_norm_rope``: from both streams' fused QKV projections to the joint
-attention inputs q, k, v [B, N + S, H, D] in one pass (per-head RMSNorm on q/k with each
-stream's weights, 3-axis RoPE, v carried through), and its backward.
+"""``qk_norm_rope``: from both streams' fused QKV projections to the joint attention
+inputs q, k, v [B, N + S, H, D] in one pass (per-head RMSNorm on q/k with each stream's
+weights, 3-axis RoPE, v carried through), and its backward; top to bottom: the PyTorch
+reference, the backends, the custom ops (fake + autograd), the public entry point.
 
 Backends: ``cuda`` (csrc/qk_norm_rope.cu, forward only) -> ``triton``
 (kernels/qk_norm_rope.py) -> ``torch`` (``qk_norm_rope_ref`` exactly; its backward is the
 reference's autograd). The backward op ``lens_fast::qk_norm_rope_backward`` (triton ->
-torch) needs only the forward's inputs, so it pairs with any forward backend.
+torch) needs only the forward's inputs, so it pairs with any forward backend. RoPE tables
+are float32 ``[L, D/2, 2]`` holding (cos, sin) per interleaved pair
+(``lens_fast.models.embeddings.rope_table``); the joint layout is ``[B, L, H, D]`` with L =
+image tokens then text tokens.
 """
 from __future__ import annotations
 
@@ -15,11 +19,45 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .kernel_utils import (aligned16, cuda_ext, cuda_ext_has, empty, next_pow2, no_alias, one_float_dtype,
-                           rms_norm_out_dtype, row_major, sm_count, triton_kernels)
-from .reference import qk_norm_rope_ref
+from .kernel_utils import (KERNEL_DTYPES, aligned16, cuda_ext, cuda_ext_has, empty, next_pow2, no_alias,
+                           one_float_dtype, rms_norm_out_dtype, row_major, sm_count, triton_kernels)
+from .norm_modulate import rms_norm_ref
 
 OP, BACKWARD_OP = "qk_norm_rope", "qk_norm_rope_backward"
+
+
+# ----------------------------------------------------------------------------- reference
+
+def apply_rope_ref(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate interleaved pairs of ``x`` [B, L, H, D] by ``rope`` [L, D/2, 2] in float32."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos = rope[..., 0].unsqueeze(1)  # [L, 1, D/2]
+    sin = rope[..., 1].unsqueeze(1)
+    re = xf[..., 0] * cos - xf[..., 1] * sin
+    im = xf[..., 0] * sin + xf[..., 1] * cos
+    return torch.stack([re, im], dim=-1).flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope_ref(img_qkv: Tensor, txt_qkv: Tensor, heads: int, norm_q: Tensor, norm_k: Tensor,
+                     norm_added_q: Tensor, norm_added_k: Tensor, rope: Tensor,
+                     eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    """From the fused QKV projections of both streams to the joint attention inputs.
+
+    img_qkv [B, N, 3*H*D], txt_qkv [B, S, 3*H*D]; rope [N + S, D/2, 2] (image rows
+    first). Returns q, k, v each [B, N + S, H, D]: per-head RMSNorm on q and k with the
+    stream's own weights, RoPE on q and k of both streams, v carried through.
+    """
+    b, n, _ = img_qkv.shape
+    s = txt_qkv.shape[1]
+    d = img_qkv.shape[-1] // (3 * heads)
+    iq, ik, iv = img_qkv.view(b, n, 3, heads, d).unbind(2)
+    tq, tk, tv = txt_qkv.view(b, s, 3, heads, d).unbind(2)
+    iq, ik = rms_norm_ref(iq, norm_q, eps), rms_norm_ref(ik, norm_k, eps)
+    tq, tk = rms_norm_ref(tq, norm_added_q, eps), rms_norm_ref(tk, norm_added_k, eps)
+    iq, ik = apply_rope_ref(iq, rope[:n]), apply_rope_ref(ik, rope[:n])
+    if s > 0:
+        tq, tk = apply_rope_ref(tq, rope[n:n + s]), apply_rope_ref(tk, rope[n:n + s])
+    return torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1)
 
 
 def head_dim(img_qkv: Tensor, heads: int) -> int:
@@ -85,8 +123,12 @@ def _forward_cuda(img_qkv, txt_qkv, heads, wq, wk, waq, wak, rope, eps):
     return q, k, v
 
 
-def _triton_supports(img_qkv, txt_qkv, heads=1, *weights, **_k) -> bool:
-    return dispatch.triton_supports(img_qkv, txt_qkv) and one_float_dtype(img_qkv, txt_qkv, *weights)
+def _kernel_accepts(device_type, dtype, **_info) -> bool:
+    return dtype in KERNEL_DTYPES and dispatch.triton_accepts(device_type)
+
+
+def _triton_fits(img_qkv, txt_qkv, heads=1, *weights) -> bool:
+    return one_float_dtype(img_qkv, txt_qkv, *weights)
 
 
 def cuda_head_dim_ok(d: int, elem: int) -> bool:
@@ -95,15 +137,18 @@ def cuda_head_dim_ok(d: int, elem: int) -> bool:
     return d * elem % 16 == 0 and lanes <= 32 and lanes & (lanes - 1) == 0
 
 
-def _cuda_supports(img_qkv, txt_qkv, heads=1, *weights, **_k) -> bool:
-    return (dispatch.on_gpu(img_qkv, txt_qkv) and one_float_dtype(img_qkv, txt_qkv, *weights)
-            and cuda_head_dim_ok(head_dim(img_qkv, heads), img_qkv.element_size())
+def _cuda_fits(img_qkv, txt_qkv, heads=1, *weights) -> bool:
+    return (one_float_dtype(img_qkv, txt_qkv, *weights) and cuda_head_dim_ok(head_dim(img_qkv, heads),
+                                                                              img_qkv.element_size())
             and aligned16(img_qkv, txt_qkv, *weights))
 
 
 _FORWARD = {"cuda": _forward_cuda, "triton": _forward_triton, "torch": _forward_torch}
-dispatch.register(OP, "cuda", available=lambda: cuda_ext_has("qk_norm_rope_fwd"), supports=_cuda_supports)
-dispatch.register(OP, "triton", available=lambda: dispatch.family_available("triton"), supports=_triton_supports)
+dispatch.register(OP, "cuda", available=lambda: cuda_ext_has("qk_norm_rope_fwd"),
+                  accepts=lambda device_type, dtype, **i: device_type == "cuda" and dtype in KERNEL_DTYPES,
+                  fits=_cuda_fits)
+dispatch.register(OP, "triton", available=lambda: dispatch.family_available("triton"), accepts=_kernel_accepts,
+                  fits=_triton_fits)
 dispatch.register(OP, "torch")
 
 
@@ -141,14 +186,13 @@ def _backward_torch(dq, dk, dv, img_qkv, txt_qkv, heads, wq, wk, waq, wak, rope,
     return vjp((dq, dk, dv))
 
 
-def _backward_supports(dq, dk, dv, img_qkv, txt_qkv, heads=1, *weights, **_k) -> bool:
-    return dispatch.triton_supports(dq, img_qkv, txt_qkv) and one_float_dtype(dq, dk, dv, img_qkv, txt_qkv,
-                                                                               *weights)
+def _backward_fits(dq, dk, dv, img_qkv, txt_qkv, heads=1, *weights) -> bool:
+    return one_float_dtype(dq, dk, dv, img_qkv, txt_qkv, *weights)
 
 
 _BACKWARD = {"triton": _backward_triton, "torch": _backward_torch}
 dispatch.register(BACKWARD_OP, "triton", available=lambda: dispatch.family_available("triton"),
-                  supports=_backward_supports)
+                  accepts=_kernel_accepts, fits=_backward_fits)
 dispatch.register(BACKWARD_OP, "torch")
 
 
@@ -156,14 +200,15 @@ dispatch.register(BACKWARD_OP, "torch")
 
 @torch.library.custom_op("lens_fast::qk_norm_rope", mutates_args=())
 def qk_norm_rope_op(img_qkv: Tensor, txt_qkv: Tensor, heads: int, norm_q: Tensor, norm_k: Tensor,
-                    norm_added_q: Tensor, norm_added_k: Tensor, rope: Tensor,
-                    eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    name = dispatch.select(OP, img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k)
+                    norm_added_q: Tensor, norm_added_k: Tensor, rope: Tensor, eps: float,
+                    backend: str = "") -> Tuple[Tensor, Tensor, Tensor]:
+    """``backend``: the entry point's decision, or "" (under torch.compile) to decide here."""
+    name = backend or dispatch.select(OP, img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k)
     return _FORWARD[name](img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k, rope, eps)
 
 
 @qk_norm_rope_op.register_fake
-def _(img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k, rope, eps):
+def _(img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k, rope, eps, backend=""):
     b, n, _ = img_qkv.shape
     shape = (b, n + txt_qkv.shape[1], heads, head_dim(img_qkv, heads))
     qd = torch.promote_types(rms_norm_out_dtype(img_qkv.dtype, norm_q.dtype),
@@ -192,7 +237,7 @@ def _(dq, dk, dv, img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_ad
 
 
 def _setup(ctx, inputs, output):
-    img_qkv, txt_qkv, heads, wq, wk, waq, wak, rope, eps = inputs
+    img_qkv, txt_qkv, heads, wq, wk, waq, wak, rope, eps, _ = inputs
     ctx.heads, ctx.eps = heads, eps
     ctx.save_for_backward(img_qkv, txt_qkv, wq, wk, waq, wak, rope)
 
@@ -201,7 +246,23 @@ def _backward(ctx, dq, dk, dv):
     img_qkv, txt_qkv, wq, wk, waq, wak, rope = ctx.saved_tensors
     d_img, d_txt, dwq, dwk, dwaq, dwak = qk_norm_rope_backward(dq, dk, dv, img_qkv, txt_qkv, ctx.heads,
                                                                wq, wk, waq, wak, rope, ctx.eps)
-    return d_img, d_txt, None, dwq, dwk, dwaq, dwak, None, None
+    return d_img, d_txt, None, dwq, dwk, dwaq, dwak, None, None, None
 
 
 qk_norm_rope_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def qk_norm_rope(img_qkv: Tensor, txt_qkv: Tensor, heads: int, norm_q: Tensor, norm_k: Tensor,
+                 norm_added_q: Tensor, norm_added_k: Tensor, rope: Tensor,
+                 eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    """Both streams' fused QKV projections -> joint q, k, v [B, N + S, H, D] (image rows
+    first) with per-head RMSNorm on q/k and RoPE on both streams. The reference directly
+    when the backend is torch (eager), else the custom op (``dispatch.entry_backend``)."""
+    check_inputs(img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k, rope)
+    backend = dispatch.entry_backend(OP, img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k)
+    if backend == "torch":
+        return qk_norm_rope_ref(img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k, rope, eps)
+    return qk_norm_rope_op(img_qkv, txt_qkv, heads, norm_q, norm_k, norm_added_q, norm_added_k, rope, float(eps),
+                           backend)

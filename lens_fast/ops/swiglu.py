@@ -1,4 +1,5 @@
-"""SwiGLU's activation as custom ops.
+"""SwiGLU's activation, top to bottom: the PyTorch reference, the backends, the custom ops
+(fake + autograd), the public entry points.
 
 - ``lens_fast::silu_mul(a, b)``: ``silu(a) * b`` for separate w1 / w3 GEMM outputs (the
   training layout, where FSDP2 shards w1 and w3 as they are).
@@ -13,14 +14,19 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .kernel_utils import empty, no_alias, one_float_dtype, runs_reference, triton_kernels
-from .reference import silu_mul_ref
+from .kernel_utils import KERNEL_DTYPES, empty, no_alias, one_float_dtype, triton_kernels
 
 OPS = ("silu_mul", "swiglu")
 BACKWARD_OPS = ("silu_mul_backward", "swiglu_backward")
+
+
+def silu_mul_ref(a: Tensor, b: Tensor) -> Tensor:
+    """SwiGLU's activation: ``silu(a) * b`` (a = w1 x, b = w3 x)."""
+    return F.silu(a) * b
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -50,12 +56,10 @@ def _launch_bwd(g2: Tensor, a2: Tensor, b2: Tensor, da2: Tensor, db2: Tensor) ->
     _launch("silu_mul_bwd_kernel", a2, g2, a2, b2, da2, db2)
 
 
-def _supports(*tensors, **_k) -> bool:
-    return dispatch.triton_supports(*tensors) and one_float_dtype(*tensors)
-
-
 for _op in OPS + BACKWARD_OPS:
-    dispatch.register(_op, "triton", available=lambda: dispatch.family_available("triton"), supports=_supports)
+    dispatch.register(_op, "triton", available=lambda: dispatch.family_available("triton"),
+                      accepts=lambda device_type, dtype, **i: dtype in KERNEL_DTYPES and
+                      dispatch.triton_accepts(device_type), fits=one_float_dtype)
     dispatch.register(_op, "torch")
 
 
@@ -73,8 +77,9 @@ def _check_fused(h: Tensor) -> None:
 # ----------------------------------------------------------------------------- silu_mul
 
 @torch.library.custom_op("lens_fast::silu_mul", mutates_args=())
-def silu_mul_op(a: Tensor, b: Tensor) -> Tensor:
-    if dispatch.select("silu_mul", a, b) == "torch":
+def silu_mul_op(a: Tensor, b: Tensor, backend: str = "") -> Tensor:
+    """``backend``: the entry point's decision, or "" (under torch.compile) to decide here."""
+    if (backend or dispatch.select("silu_mul", a, b)) == "torch":
         return silu_mul_ref(a, b).contiguous()
     out = empty(a.shape, a.dtype, a.device)
     _launch_fwd(_rows(a), _rows(b), out.view(-1, a.shape[-1]))
@@ -82,7 +87,7 @@ def silu_mul_op(a: Tensor, b: Tensor) -> Tensor:
 
 
 @silu_mul_op.register_fake
-def _(a, b):
+def _(a, b, backend=""):
     return a.new_empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype))
 
 
@@ -105,12 +110,12 @@ def _(grad, a, b):
 
 
 def _silu_mul_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:2])
 
 
 def _silu_mul_backward(ctx, grad):
     a, b = ctx.saved_tensors
-    return silu_mul_backward(grad, a, b)
+    return (*silu_mul_backward(grad, a, b), None)
 
 
 silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
@@ -119,9 +124,9 @@ silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
 # ----------------------------------------------------------------------------- swiglu
 
 @torch.library.custom_op("lens_fast::swiglu", mutates_args=())
-def swiglu_op(h: Tensor) -> Tensor:
+def swiglu_op(h: Tensor, backend: str = "") -> Tensor:
     f = h.shape[-1] // 2
-    if dispatch.select("swiglu", h) == "torch":
+    if (backend or dispatch.select("swiglu", h)) == "torch":
         return silu_mul_ref(*h.chunk(2, dim=-1)).contiguous()
     out = empty((*h.shape[:-1], f), h.dtype, h.device)
     h2 = _rows(h)
@@ -130,7 +135,7 @@ def swiglu_op(h: Tensor) -> Tensor:
 
 
 @swiglu_op.register_fake
-def _(h):
+def _(h, backend=""):
     return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
 
 
@@ -158,24 +163,28 @@ def _swiglu_setup(ctx, inputs, output):
 
 def _swiglu_backward(ctx, grad):
     (h,) = ctx.saved_tensors
-    return swiglu_backward(grad, h)
+    return swiglu_backward(grad, h), None
 
 
 swiglu_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
+# ----------------------------------------------------------------------------- entry points
+
 def silu_mul(a: Tensor, b: Tensor) -> Tensor:
     """``silu(a) * b`` (a = w1 x, b = w3 x). Eager calls that resolve to the torch
     backend run the reference directly (plain autograd); the rest go through the op."""
     _check_pair(a, b)
-    if runs_reference(a, b):
+    backend = dispatch.entry_backend("silu_mul", a, b)
+    if backend == "torch":
         return silu_mul_ref(a, b)
-    return silu_mul_op(a, b)
+    return silu_mul_op(a, b, backend)
 
 
 def swiglu(h: Tensor) -> Tensor:
     """``silu(h[..., :F]) * h[..., F:]`` for the fused w1|w3 output ``h`` [.., 2F]."""
     _check_fused(h)
-    if runs_reference(h):
+    backend = dispatch.entry_backend("swiglu", h)
+    if backend == "torch":
         return silu_mul_ref(*h.chunk(2, dim=-1))
-    return swiglu_op(h)
+    return swiglu_op(h, backend)

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.transformer import GateMLP, LensTransformerBlock, RMSNorm
+from ..models.layers import GateMLP, RMSNorm
+from ..models.transformer import LensTransformerBlock
 from ..ops import dispatch, optional
 
 log = logging.getLogger("lens_fast.quant")
@@ -151,7 +152,8 @@ _gated_residual_op.register_fake(lambda x, y, gate, weight, shift, scale, eps: (
                                                                                  *_fake_quant(x)))
 
 for _op in ("fp8_quantize_rows", "fp8_rms_norm_modulate", "fp8_gated_residual_rms_norm_modulate", "fp8_silu_mul"):
-    dispatch.register(_op, "triton", available=optional.triton_usable, supports=dispatch.triton_supports)
+    dispatch.register(_op, "triton", available=optional.triton_usable, accepts=dispatch.triton_accepts,
+                      fits=dispatch.triton_supports)
     dispatch.register(_op, "torch")
 
 
