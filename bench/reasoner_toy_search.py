@@ -10,7 +10,7 @@ as the metric, the seed prompt against the winner on held-out test prompts.
         --out search_smollm2 --budget 6 --per-tag 4
     python bench/reasoner_toy_search.py --run demo_run --llm toy --seed-prompt minimal --out search_toy
 
-``--llm toy`` is the rule-following stand-in (lens_fast.reasoner.toy_llm), not a language
+``--llm toy`` is the rule-following stand-in (lens_fast.toy.reasoner_llm), not a language
 model: it shows what the loop does when the system prompt matters in a known way.
 """
 import argparse
@@ -23,7 +23,7 @@ from lens_fast.chat_api import ChatEndpoint
 from lens_fast.chat_server import LocalChatServer
 from lens_fast.reasoner import load_system_prompt
 from lens_fast.reasoner.api import ApiBackend
-from lens_fast.reasoner.metrics import ShapeEvalMetric
+from lens_fast.toy.prompt_metric import ShapeEvalMetric
 from lens_fast.reasoner.search import SearchConfig, SystemPromptSearch, report_markdown, write_report
 
 MINIMAL = "You rewrite image requests.\n\nRules:\n- Keep everything the user asked for.\n\nAnswer with the prompt only."
@@ -46,7 +46,7 @@ def main() -> int:
     os.makedirs(args.out)
     seed_prompt = {"default": load_system_prompt(), "minimal": MINIMAL}.get(args.seed_prompt) \
         or load_system_prompt(args.seed_prompt)
-    handler = "lens_fast.reasoner.toy_llm:answer" if args.llm == "toy" else "lens_fast.reasoner.hf_chat:answer"
+    handler = "lens_fast.toy.reasoner_llm:answer" if args.llm == "toy" else "lens_fast.reasoner.hf_chat:answer"
     env = {} if args.llm == "toy" else {"LENS_FAST_HF_CHAT_MODEL": os.path.abspath(args.llm)}
     name = "toy-llm" if args.llm == "toy" else os.path.basename(args.llm)
     t0 = time.time()

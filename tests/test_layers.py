@@ -12,14 +12,16 @@ PACKAGES = {"lens_fast": "lens_fast", "kernels": "lens_fast.kernels", "train": "
 FLOORS = [
     ("kernels", ["lens_fast.kernels"]),
     ("ops and leaves", ["lens_fast.ops", "lens_fast.resolutions", "lens_fast.images", "lens_fast.sampling",
-                        "lens_fast.flops", "lens_fast._checkout"]),
+                        "lens_fast.flops", "lens_fast._checkout", "lens_fast.errors", "lens_fast.atomic",
+                        "lens_fast.cli_checks", "lens_fast.chat_api", "lens_fast.chat_server",
+                        "lens_fast.image_metadata"]),
     ("models", ["lens_fast.models"]),
     ("components", ["lens_fast.vae", "lens_fast.text_encoder", "lens_fast.quant", "lens_fast.tiny",
-                    "lens_fast.testing"]),
+                    "lens_fast.testing", "lens_fast.reasoner"]),
     ("engine", ["lens_fast.engine"]),
     ("pipeline", ["lens_fast.pipeline", "lens_fast"]),
     ("train", ["lens_fast.train"]),
-    ("toy", ["lens_fast.toy"]),
+    ("toy and curate", ["lens_fast.toy", "lens_fast.curate"]),
     ("cli", ["lens_fast.cli"]),
 ]
 

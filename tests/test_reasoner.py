@@ -184,7 +184,7 @@ def test_fit_to_encoder_cuts_long_rewrites_with_a_warning(tiny_te, caplog):
 # -- api backend: a real server process on loopback ---------------------------------------------
 @pytest.fixture(scope="module")
 def toy_server():
-    with LocalChatServer("lens_fast.reasoner.toy_llm:answer", model="toy-llm") as s:
+    with LocalChatServer("lens_fast.toy.reasoner_llm:answer", model="toy-llm") as s:
         yield s
 
 

@@ -19,7 +19,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server():
-    with LocalChatServer("lens_fast.reasoner.toy_llm:answer", model="toy-llm", api_key="k3y") as s:
+    with LocalChatServer("lens_fast.toy.reasoner_llm:answer", model="toy-llm", api_key="k3y") as s:
         yield s
 
 

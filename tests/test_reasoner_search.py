@@ -13,7 +13,7 @@ from lens_fast.reasoner.api import ApiBackend
 from lens_fast.reasoner.metrics import MetricResult, PromptMetric, load_metric
 from lens_fast.reasoner.search import (MUTATIONS, RuleSet, SearchConfig, SystemPromptSearch, parse_rules,
                                        report_markdown)
-from lens_fast.reasoner.toy_llm import TOY_RULES
+from lens_fast.toy.reasoner_llm import TOY_RULES
 
 SEED_PROMPT = "You rewrite image requests.\n\nRules:\n- Keep everything the user asked for.\n\nAnswer with the prompt only."
 PLACES = ("top", "middle", "bottom", "centre")
@@ -61,7 +61,7 @@ def test_rule_sets_round_trip_and_answers_are_parsed():
 
 @pytest.fixture(scope="module")
 def server():
-    with LocalChatServer("lens_fast.reasoner.toy_llm:answer", model="toy-llm") as s:
+    with LocalChatServer("lens_fast.toy.reasoner_llm:answer", model="toy-llm") as s:
         yield s
 
 

@@ -1,5 +1,5 @@
 """A stand-in instruction-following LLM for the toy world, as a ``lens_fast.chat_server``
-handler (``--handler lens_fast.reasoner.toy_llm:answer``): deterministic, instant, and
+handler (``--handler lens_fast.toy.reasoner_llm:answer``): deterministic, instant, and
 sensitive to the system prompt in the way the search needs to be tested.
 
 As a rewriter it follows the rules of the system prompt it is given, recognised by
@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import re
 
-from ..toy.captions import layout_caption
-from ..toy.rewrite import rewrite_scene
-from .search import OPERATOR_MARKER, parse_rules
+from .captions import layout_caption
+from .rewrite import rewrite_scene
+from ..reasoner.search import OPERATOR_MARKER, parse_rules
 
 TOY_RULES = (
     "Say where every object is on the three by three grid: top, middle or bottom, and left, centre or right.",
