@@ -42,10 +42,13 @@ def check_run_dir(out: str, resume: bool, model_config: dict) -> bool:
     return False
 
 
-def init_run_dir(out: str, cfg: TrainConfig, model_config: dict, world: int) -> None:
+def init_run_dir(out: str, cfg: TrainConfig, model_config: dict, world: int, recipe: Optional[dict] = None
+                 ) -> None:
+    """Write ``run.json``: the config, the model config, the world size and the recipe's
+    record (what a resume must match, e.g. the teacher's fingerprint)."""
     os.makedirs(out, exist_ok=True)
     record = {"config": cfg.to_dict(), "model_config": model_config, "world": world, "created": time.time(),
-              "torch": torch.__version__}
+              "torch": torch.__version__, "recipe": recipe or {"name": cfg.recipe}}
     tmp = os.path.join(out, f".run.json.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, default=str)

@@ -316,8 +316,9 @@ def _loss_png(path: str, losses: List[Tuple[int, float]]) -> None:
 
 
 def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = None, eval_sizes=None,
-        write_artifacts: bool = True) -> dict:
-    """Train, sample, score one configuration; returns its report dict."""
+        write_artifacts: bool = True, export: Optional[str] = None) -> dict:
+    """Train, sample, score one configuration; returns its report dict. ``export``: a new
+    folder to write the trained (EMA) model to as a diffusers ``transformer`` folder."""
     from ..train import InMemorySource, Trainer
 
     t0 = time.time()
@@ -347,6 +348,8 @@ def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = N
                 planned = _plan_steps(cfg, trainer, planned, time.time() - t1)
             trainer.train(max_steps=min(planned, trainer.step + 50))
         t_train = time.time() - t1
+        if export:
+            trainer.export(export)
         bar.set_description("sampling held-out prompts")
         scores, images = evaluate(trainer.ema_model(), text_encoder, prompts, eval_sizes, cfg, bar)
     steps_done = trainer.step
