@@ -37,6 +37,21 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred")
 
 
+def detect_variant(folder: str) -> str:
+    """The variant of a checkpoint folder (a root or its transformer/): ``_lens_variant``
+    in ``model_index.json`` (written by lens_fast's exports), else "lens-turbo" when the
+    folder's name says turbo (``microsoft/Lens-Turbo``), else "lens"."""
+    folder = os.path.normpath(os.fspath(folder))
+    root = os.path.dirname(folder) if os.path.basename(folder) == "transformer" else folder
+    index_path = os.path.join(root, "model_index.json")
+    variant = read_json(index_path).get("_lens_variant") if os.path.isfile(index_path) else None
+    if variant is None:
+        variant = "lens-turbo" if "turbo" in os.path.basename(root).lower() else "lens"
+    if variant not in VARIANT_DEFAULTS:
+        raise ValueError(f"{index_path}: _lens_variant={variant!r}; expected one of {sorted(VARIANT_DEFAULTS)}")
+    return variant
+
+
 def resolve_resolution(base_resolution: int, aspect_ratio: str) -> Tuple[int, int]:
     """(height, width) of an official bucket."""
     if base_resolution not in RESOLUTION_BUCKETS:
@@ -163,8 +178,7 @@ class LensPipeline:
                 folder, transformer.config.selected_layer_index,
                 torch_dtype=resolve_dtype(text_encoder_dtype) or dtype, device=device, template_date=template_date)
         if variant is None:
-            variant = index.get("_lens_variant") or ("lens-turbo" if "turbo" in os.path.basename(
-                os.path.normpath(folder)).lower() else "lens")
+            variant = detect_variant(folder)
         pipe = cls(transformer, vae, text_encoder, scheduler_config, variant=variant)
         if quantization is not None:
             from .quant import apply_quantization
