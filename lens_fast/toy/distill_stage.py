@@ -7,7 +7,7 @@ on the demo's in-memory prompts, a fixed number of student updates), the student
 exported as a Turbo folder and reloaded from it (``detect_variant`` reads lens-turbo:
 4 steps, guidance 1). The report compares, on the same held-out prompts and seeds,
 both prompt modes: teacher 20 steps with CFG, teacher 4 steps with and without CFG,
-student 4 / 2 / 1 steps without CFG; NFE and wall time per image; seed diversity (mean
+student 4 / 2 / 1 steps without CFG and the teacher at 2 and 1 steps for comparison; NFE and wall time per image; seed diversity (mean
 pairwise pixel distance between 4 seeds of one prompt); a side-by-side grid.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ class DistillStageConfig:
     batch: int = 32
     lr: float = 1e-4  # student and fake score (AdamW, the demo's betas), constant after the warm-up
     warmup: int = 20
+    fake_lr: Optional[float] = None  # the fake score's learning rate (None: lr)
     fake_updates: int = 2  # fake-score updates per student update
     guidance: float = 3.0  # the teacher CFG the CA term bakes in (Lens's norm-rescaled CFG)
     dm_weight: float = 1.0
@@ -51,15 +52,16 @@ class DistillStageConfig:
     eval_per_tag: Optional[int] = None  # held-out prompts per tag (None: the demo's)
 
 
-QUICK = dict(steps=4, batch=8, warmup=2, fake_updates=1, diversity_prompts=3, grid_prompts=3, train_prompts=48,
-             eval_per_tag=1, teacher_steps=6, timing_repeats=1)
+QUICK = dict(steps=3, batch=4, warmup=1, fake_updates=1, diversity_prompts=3, diversity_seeds=2, grid_prompts=3,
+             train_prompts=32, eval_per_tag=1, teacher_steps=6, timing_repeats=1)
 
 
 def rows(stage: DistillStageConfig):
-    """(model, steps, CFG on) of each report row."""
-    s = stage.student_steps
+    """(model, steps, CFG on) of each report row: the teacher as it is meant to run, then
+    teacher and student at the student's step counts."""
+    s, half = stage.student_steps, max(1, stage.student_steps // 2)
     return (("teacher", stage.teacher_steps, True), ("teacher", s, True), ("teacher", s, False), ("student", s, False),
-            ("student", max(1, s // 2), False), ("student", 1, False))
+            ("teacher", half, False), ("student", half, False), ("teacher", 1, False), ("student", 1, False))
 
 
 def stage_config(quick: bool, **overrides) -> DistillStageConfig:
@@ -71,7 +73,7 @@ def distill_train_config(demo: DemoConfig, stage: DistillStageConfig, data: dict
     tc = train_config(demo, data)
     tc.name, tc.recipe = f"demo-distill-{demo.name}", "distill"
     tc.distill = replace(tc.distill, teacher=teacher, steps=stage.student_steps, guidance=stage.guidance,
-                         fake_updates=stage.fake_updates, dm_weight=stage.dm_weight, ca_weight=stage.ca_weight,
+                         fake_updates=stage.fake_updates, fake_lr=stage.fake_lr, dm_weight=stage.dm_weight, ca_weight=stage.ca_weight,
                          schedule=stage.schedule, teacher_dtype="float32")
     tc.optim.lr, tc.optim.warmup_steps, tc.optim.decay_steps = stage.lr, stage.warmup, 0
     tc.train.max_steps = stage.steps
@@ -167,7 +169,7 @@ def run_stage(teacher: str, out: str, demo: DemoConfig, stage: DistillStageConfi
               "student": (LensTransformer2DModel.from_pretrained(export), variant)}
     pipes = {name: _pipeline(model, text_encoder, demo, v) for name, (model, v) in models.items()}
     table = []
-    with tqdm(total=6 * len(PROMPT_MODES) * len(prompts), desc="held-out prompts", unit="img") as bar:
+    with tqdm(total=len(rows(stage)) * len(PROMPT_MODES) * len(prompts), desc="held-out prompts", unit="img") as bar:
         for name, steps, cfg_on in rows(stage):
             guidance = demo.guidance if cfg_on else 1.0
             scores = {mode: _summary(sample_and_score(models[name][0], text_encoder, prompts, [size],
@@ -239,14 +241,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['model']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | "
                          f"{r['seconds_per_image'] * 1e3:.1f} ms | {tags} | {sc['overall']:.3f} | {label} |")
     t = report["targets"]
-    lines += ["", "Seed diversity (mean pairwise pixel distance, 0-1, between 4 seeds of one prompt; teacher 20 "
-              "steps with CFG, student 4 steps):", ""]
+    st = report["stage"]
+    lines += ["", f"Seed diversity (mean pairwise pixel distance, 0-1, between {st['diversity_seeds']} seeds of one "
+              f"prompt; teacher {st['teacher_steps']} steps with CFG, student {st['student_steps']} steps):", ""]
     for mode, d in report["diversity"].items():
         lines.append(f"- {mode}: teacher {d['teacher']['mean']:.4f}, student {d['student']['mean']:.4f} "
                      f"({len(d['teacher']['per_prompt'])} prompts)")
     first = report["rows"][0]["scores"][report["prompts"]]
     lines += ["", f"Targets ({report['prompts']} prompts): student 4 steps / guidance 1 at "
-              f"{100 * t['score_ratio']:.0f}% of the teacher's 20-step CFG score (target 90%: "
+              f"{100 * t['score_ratio']:.0f}% of the teacher's {st['teacher_steps']}-step CFG score (target 90%: "
               f"{'met' if t['score_ratio_met'] else 'missed'}); {t['above_teacher_4_steps_by']:+.3f} over the "
               f"teacher's best 4-step score ({'met' if t['above_teacher_4_steps_met'] else 'missed'}); diversity "
               f"{100 * t['diversity_ratio']:.0f}% of the teacher's (target 70%: "
