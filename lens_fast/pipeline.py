@@ -32,6 +32,21 @@ VARIANT_DEFAULTS = {"lens": (20, 5.0), "lens-turbo": (4, 1.0), "lens-base": (20,
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred")
 
 
+def detect_variant(folder: str) -> str:
+    """The variant of a checkpoint folder (a root or its transformer/): ``_lens_variant``
+    in ``model_index.json`` (written by lens_fast's exports), else "lens-turbo" when the
+    folder's name says turbo (``microsoft/Lens-Turbo``), else "lens"."""
+    folder = os.path.normpath(os.fspath(folder))
+    root = os.path.dirname(folder) if os.path.basename(folder) == "transformer" else folder
+    index_path = os.path.join(root, "model_index.json")
+    variant = read_json(index_path).get("_lens_variant") if os.path.isfile(index_path) else None
+    if variant is None:
+        variant = "lens-turbo" if "turbo" in os.path.basename(root).lower() else "lens"
+    if variant not in VARIANT_DEFAULTS:
+        raise InvalidValue(f"{index_path}: _lens_variant={variant!r}; expected one of {sorted(VARIANT_DEFAULTS)}")
+    return variant
+
+
 def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device (one generator per sample when a
     list is given), then moved to ``device``."""
@@ -148,8 +163,7 @@ class LensPipeline:
                 folder, transformer.config.selected_layer_index,
                 torch_dtype=resolve_dtype(text_encoder_dtype) or dtype, device=device, template_date=template_date)
         if variant is None:
-            variant = index.get("_lens_variant") or ("lens-turbo" if "turbo" in os.path.basename(
-                os.path.normpath(folder)).lower() else "lens")
+            variant = detect_variant(folder)
         if isinstance(reasoner, str):
             from .reasoner import build_reasoner
 

@@ -5,6 +5,8 @@ CPU, or under ``torchrun`` on many GPUs and nodes.
         --pretrained /ckpt/Lens-Base            # VAE + text encoder folder
     torchrun --nproc_per_node 8 -m lens_fast.train --config stage2 --out runs/s2 --resume
     lens-fast train --config tiny-cpu --out /tmp/tiny --max-steps 20
+    lens-fast train --config distill --teacher /ckpt/Lens --data "/data/shard-{000000..000099}.tar" \
+        --out runs/turbo                     # a 4-step, CFG-free Turbo of /ckpt/Lens (runs/turbo/export)
 """
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ PROG = "lens-fast train"
 
 
 def build_parser() -> OneLineParser:
-    from .config import REGISTRY
+    from .config import RECIPES, REGISTRY
 
     p = OneLineParser(prog=PROG, description="Train or fine-tune Lens.", allow_abbrev=False)
     p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
+    p.add_argument("--recipe", help=f"what to train (config key recipe): {' or '.join(RECIPES)} (pretrain also "
+                                    "fine-tunes; distill makes a Turbo of --teacher)")
+    p.add_argument("--teacher", help="recipe distill: the Lens checkpoint folder to distil (distill.teacher)")
     p.add_argument("--out", help="run folder (default runs/<config name>); refused if it holds another "
                                  "run's files, unless --resume")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
@@ -53,6 +58,8 @@ def resolve_config(args):
     if not args.config:
         raise InvalidValue("--config is required: a registered config name or a YAML file")
     cfg = load_config(args.config)
+    if args.recipe:
+        cfg.recipe = args.recipe
     sets = list(args.set)
     if args.max_steps is not None:
         sets.append(f"train.max_steps={args.max_steps}")
@@ -70,6 +77,8 @@ def resolve_config(args):
         cfg.data.source, cfg.data.path = "cache", args.cache
     if args.pretrained:
         cfg.model.pretrained = args.pretrained
+    if args.teacher:
+        cfg.distill.teacher = args.teacher
     cfg.validate()
     return cfg
 

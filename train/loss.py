@@ -49,16 +49,20 @@ def drop_captions(text: List[torch.Tensor], mask: torch.Tensor, p: float,
 
 
 def flow_matching_loss(model, latents: torch.Tensor, text: List[torch.Tensor], mask: torch.Tensor,
-                       img_shapes, loss_cfg, seed: int, step: int, data_rank: int) -> torch.Tensor:
-    """Mean squared error of the predicted velocity on one micro-batch (float32)."""
+                       img_shapes, loss_cfg, seed: int, step: int, data_rank: int,
+                       streams: Tuple[int, int, int] = (NOISE, SIGMA, DROPOUT)) -> torch.Tensor:
+    """Mean squared error of the predicted velocity on one micro-batch (float32).
+    ``streams``: the generator streams of the noise, sigma and dropout draws (a recipe
+    that runs this loss several times per step gives each run its own)."""
     b, n, _ = latents.shape
     dev = latents.device
     x0 = latents.float()
-    noise = torch.randn(x0.shape, generator=step_generator(seed, step, data_rank, NOISE, dev), device=dev)
+    noise_stream, sigma_stream, dropout_stream = streams
+    noise = torch.randn(x0.shape, generator=step_generator(seed, step, data_rank, noise_stream, dev), device=dev)
     sigma = sample_sigmas(b, n, loss_cfg.mu_points, loss_cfg.logit_std,
-                          step_generator(seed, step, data_rank, SIGMA, dev), dev)
+                          step_generator(seed, step, data_rank, sigma_stream, dev), dev)
     text, mask, _ = drop_captions(text, mask, loss_cfg.caption_dropout,
-                                  step_generator(seed, step, data_rank, DROPOUT, dev))
+                                  step_generator(seed, step, data_rank, dropout_stream, dev))
     x_t = add_noise(x0, noise, sigma)
     pred = model(hidden_states=x_t, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=sigma,
                  img_shapes=img_shapes).sample

@@ -36,10 +36,12 @@ class Throughput:
         self.skipped = 0
         self.t0 = time.perf_counter()
 
-    def add(self, batch_size: int, n_img: int, n_txt: int, skipped: int = 0) -> None:
+    def add(self, batch_size: int, n_img: int, n_txt: int, skipped: int = 0, forwards: float = 3.0) -> None:
+        """Count one micro-batch; ``forwards``: model forwards per sample (3 for forward +
+        backward; a recipe running several models counts them all)."""
         self.samples += batch_size
         self.tokens += batch_size * n_img
-        self.flops += train_step_flops(self.model_config, n_img, n_txt, batch_size)
+        self.flops += forwards / 3.0 * train_step_flops(self.model_config, n_img, n_txt, batch_size)
         self.skipped += skipped
 
     def rates(self, totals: torch.Tensor, world: int) -> Dict[str, Optional[float]]:

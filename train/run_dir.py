@@ -26,7 +26,7 @@ import os
 import shutil
 import socket
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -135,13 +135,16 @@ def read_run_json(out: str) -> dict:
     return record
 
 
-def init_run_dir(out: str, cfg, model_config: dict, world: int) -> None:
+def init_run_dir(out: str, cfg, model_config: dict, world: int, recipe: Optional[dict] = None) -> None:
+    """Write ``run.json``: the config, the model config, the world size and the recipe's
+    record (what a resume must match, e.g. the teacher's fingerprint)."""
     write_json(os.path.join(out, "run.json"), {"config": cfg.to_dict(), "model_config": model_config,
                                                "world": world, "created": time.time(), "torch": torch.__version__,
-                                               "resumes": []})
+                                               "recipe": recipe or {"name": cfg.recipe}, "resumes": []})
 
 
-def open_run_dir(out: str, resume: bool, cfg, model_config: dict, world: int) -> Tuple[RunLock, bool, List[str]]:
+def open_run_dir(out: str, resume: bool, cfg, model_config: dict, world: int, recipe: Optional[dict] = None,
+                 check_resume: Optional[Callable[[Optional[dict]], None]] = None) -> Tuple[RunLock, bool, List[str]]:
     """Check ``out``, create and lock it, remove the temporaries a killed process left,
     check again under the lock (another process may have started or finished in
     between), and write ``run.json`` for a new run. Returns (the lock, whether the run
@@ -154,9 +157,11 @@ def open_run_dir(out: str, resume: bool, cfg, model_config: dict, world: int) ->
     lock = RunLock(out)
     try:
         fresh = check_run_dir(out, resume, model_config)
+        if not fresh and check_resume is not None:
+            check_resume(read_run_json(out).get("recipe"))
         removed = remove_stale_temporaries(out)
         if fresh:
-            init_run_dir(out, cfg, model_config, world)
+            init_run_dir(out, cfg, model_config, world, recipe)
     except BaseException:
         lock.release()
         raise

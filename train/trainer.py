@@ -1,6 +1,8 @@
 """The Lens trainer: one process or many (torchrun), FSDP2, EMA, checkpoints, logging.
 
-Each step is an overridable method (``train_step``, ``compute_loss``, ``lr_at``,
+One loop for every recipe (``train/recipe.py``: pre-training and fine-tuning,
+``distill``): the recipe brings its models and its update step, the trainer does the
+rest. Each step is an overridable method (``train_step``, ``compute_loss``, ``lr_at``,
 ``log_step``, ``maybe_checkpoint``, ``maybe_sample``), as in torchtitan.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,14 +28,13 @@ from lens_fast.models.config import LensTransformerConfig
 from lens_fast.models.transformer import LensTransformer2DModel
 
 from . import checkpoint as ckpt
-from .builders import build_data_source, check_inputs, pretrained_folder
+from .build import build_model
+from .builders import build_data_source, check_inputs
 from .config import TrainConfig
 from .data import Batch, PixelSpace
-from .loss import flow_matching_loss
 from .metrics import MetricsLogger, Throughput, device_name, peak_memory_gb
-from .parallel import (EMA, all_ranks_ok, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier,
-                       clip_grad_norm, dtype_of, full_tensor, init_distributed, init_rule, materialize,
-                       pretrained_values)
+from .parallel import EMA, all_ranks_ok, barrier, clip_grad_norm, dtype_of, full_tensor, init_distributed
+from .recipe import Part, Recipe, make_recipe
 from .run_dir import RunLock, open_run_dir, tidy_for_resume
 from .sample import sample_tokens, save_grid
 
@@ -68,12 +69,12 @@ class TrainResult:
 
 
 class Trainer:
-    """Train a ``LensTransformer2DModel``.
+    """Train a ``LensTransformer2DModel`` with the recipe ``config.recipe`` (or ``recipe``).
 
     ``model``: a model to train (its weights are the start; the trainer takes it over:
     checkpointing wrappers and FSDP are applied in place); by default one is built from
     ``config.model`` (meta device, sharded, initialised per parameter, or loaded from
-    ``model.pretrained``). ``data``: a DataSource (see ``lens_fast.train``), by default
+    ``model.pretrained``; a distillation student from its teacher). ``data``: a DataSource (see ``lens_fast.train``), by default
     built from ``config.data``. ``out_dir``: the run folder for checkpoints, metrics,
     samples and the export (None: nothing is written), locked by this trainer until
     ``close()`` (also a context manager). ``resume``: continue from its latest complete
@@ -83,9 +84,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model: Optional[LensTransformer2DModel] = None, data=None,
                  out_dir: Optional[str] = None, resume: bool = False, callbacks: Sequence[Callback] = (),
-                 device: Optional[str] = None, decoder=None):
+                 device: Optional[str] = None, decoder=None, recipe: Optional[Recipe] = None):
         config.validate()
         self.cfg = cfg = config
+        self.recipe = recipe or make_recipe(cfg.recipe)
         par = cfg.parallel
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -113,7 +115,7 @@ class Trainer:
         np.random.seed((seed + self.dist.rank) % 2 ** 32)
         random.seed(seed + self.dist.rank)
 
-        folder = pretrained_folder(cfg.model.pretrained) if model is None else None
+        folder = self.recipe.start_folder(cfg) if model is None else None
         if model is not None:
             self.model_config = json.loads(json.dumps(dict(model.config)))
         elif folder:
@@ -121,16 +123,14 @@ class Trainer:
         else:
             self.model_config = dict(LensTransformerConfig.from_dict(cfg.model.transformer))
         self.run_dir = os.path.abspath(out_dir) if out_dir else None
-        fresh = self._open_run_dir(resume) if self.run_dir else True
+        record = self.recipe.prepare(self)
+        fresh = self._open_run_dir(resume, record) if self.run_dir else True
 
-        self.model = self._build_model(model, folder)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        cuda = self.device.type == "cuda"
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=True if cuda else None,
-                                           foreach=None if cuda else True)
-        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.parts: Dict[str, Part] = {}
+        self.recipe.build(self, model, folder)
+        primary = next(p for p in self.parts.values() if p.primary)
+        self.model, self.optimizer, self.ema = primary.model, primary.optimizer, primary.ema
+        self.params = primary.params
         self.data = data if data is not None else build_data_source(cfg, self.model_config, self.device)
         self.decoder = decoder or getattr(self.data, "image_encoder", None) or (
             PixelSpace(cfg.encoders.pixel_patch) if cfg.encoders.vae == "pixel" else None)
@@ -138,20 +138,21 @@ class Trainer:
         self.step = 0
         self.skipped_total = 0
         self._preview: Optional[Batch] = None
-        self._pending: List[torch.Tensor] = []
-        self._norms: List[torch.Tensor] = []
+        self._pending: List[Dict[str, torch.Tensor]] = []
         self.throughput = Throughput(self.model_config, self.device)
         if resume and self.run_dir:
             self._resume(fresh)
 
-    def _open_run_dir(self, resume: bool) -> bool:
-        """Lock and check the run folder on the main rank; every rank fails if it fails.
-        Returns whether the run is new."""
+    def _open_run_dir(self, resume: bool, record: dict) -> bool:
+        """Lock and check the run folder on the main rank (a resumed run must have used this
+        recipe: ``Recipe.check_resume``); every rank fails if it fails. Returns whether the
+        run is new."""
         error, fresh = None, True
         if self.dist.is_main:
             try:
-                self.run_lock, fresh, self._removed = open_run_dir(self.run_dir, resume, self.cfg,
-                                                                   self.model_config, self.dist.world)
+                self.run_lock, fresh, self._removed = open_run_dir(
+                    self.run_dir, resume, self.cfg, self.model_config, self.dist.world, recipe=record,
+                    check_resume=lambda saved: self.recipe.check_resume(saved, self.run_dir))
             except UserError as e:
                 error = e
         if not all_ranks_ok(error is None, self.dist.world):
@@ -178,26 +179,34 @@ class Trainer:
                             self._removed)
         barrier(self.dist)
 
-    # -- construction -----------------------------------------------------------------------
-    def _build_model(self, model, folder):
-        par = self.cfg.parallel
-        built = model is None
-        if built:
-            with torch.device("meta"):
-                model = LensTransformer2DModel(**self.model_config)
-        if not built:
-            model.to(device=self.device, dtype=torch.float32)
-        model.train()
-        apply_activation_checkpointing(model, par.activation_checkpointing, par.ac_every)
-        if par.compile:
-            apply_compile(model)
-        if self.fsdp:
-            apply_fsdp(model, dtype_of(par.param_dtype), dtype_of(par.reduce_dtype), par.reshard_after_forward)
-        if built:
-            seed = self.cfg.train.seed
-            value = pretrained_values(folder) if folder else (lambda name, shape: init_rule(name, shape, seed))
-            materialize(model, value, self.device)
-        return model
+    # -- construction (called by the recipe's build) ----------------------------------------
+    def build(self, model: Optional[LensTransformer2DModel] = None, folder: Optional[str] = None,
+              trainable: bool = True, dtype: str = "float32") -> LensTransformer2DModel:
+        """A model of this run's config through the one build path (``train/build.py``):
+        ``model`` taken over, or built on meta, sharded and loaded from ``folder`` (or
+        the init rule); ``trainable=False``: frozen, stored in ``dtype``."""
+        return build_model(self.model_config, self.cfg.parallel, self.device, self.fsdp, folder=folder,
+                           seed=self.cfg.train.seed, model=model, trainable=trainable, dtype=dtype_of(dtype))
+
+    def add_part(self, name: str, model: LensTransformer2DModel, trainable: bool = True, ema: bool = False,
+                 lr_scale: float = 1.0) -> Part:
+        """Register a model of the run; a trainable one gets AdamW (``optim`` section,
+        learning rate ``lr_scale`` x the schedule's) and, with ``ema``, the EMA. The
+        first part added is the primary one (sampled, exported, checkpointed as model)."""
+        if name in self.parts:
+            raise InvalidValue(f"part {name!r} is already registered")
+        optimizer = None
+        if trainable:
+            cuda = self.device.type == "cuda"
+            o = self.cfg.optim
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=o.lr * lr_scale, betas=tuple(o.betas), eps=o.eps,
+                                          weight_decay=o.weight_decay, fused=True if cuda else None,
+                                          foreach=None if cuda else True)
+        part = Part(name, model, optimizer, EMA(model, self.cfg.ema.decay) if ema else None,
+                    primary=not self.parts, lr_scale=lr_scale)
+        self.parts[name] = part
+        return part
 
     def _autocast(self):
         dtype = dtype_of(self.cfg.parallel.param_dtype)
@@ -218,32 +227,51 @@ class Trainer:
         return lr
 
     def compute_loss(self, batch: Batch, data_rank: int) -> torch.Tensor:
-        return flow_matching_loss(self.model, batch.latents, batch.text, batch.text_mask, batch.img_shapes,
-                                  self.cfg.loss, self.cfg.train.seed, self.step, data_rank)
+        return self.recipe.loss(self, batch, data_rank)
 
-    def train_step(self) -> None:
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = []
+    def micro_batches(self) -> Iterator[Tuple[int, Batch]]:
+        """This step's (data_rank, batch) pairs on the device, counted for throughput."""
+        forwards = self.recipe.forwards(self.cfg)
         for i in range(self.accum):
             data_rank = self.dist.rank * self.accum + i
             batch = self.data.batch(self.step, data_rank, self.data_world).to(self.device)
+            self.throughput.add(batch.size, batch.latents.shape[1], batch.text_mask.shape[1], batch.skipped,
+                                forwards=forwards)
+            yield data_rank, batch
+
+    def optimize(self, part: Part, loss_fn: Callable, batches: Iterable[Tuple[int, Batch]]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """One optimiser update of ``part``: ``loss_fn(batch, data_rank)`` (a loss, or a
+        loss and a dict of detached metrics) over the step's micro-batches, gradients
+        averaged, clipped to ``optim.grad_clip``, at this step's learning rate. Returns
+        the mean loss, the gradient norm and the mean metrics."""
+        lr = self.lr_at(self.step) * part.lr_scale
+        for group in part.optimizer.param_groups:
+            group["lr"] = lr
+        part.optimizer.zero_grad(set_to_none=True)
+        losses, extras = [], []
+        for i, (data_rank, batch) in enumerate(batches):
             if self.fsdp:
-                self.model.set_requires_gradient_sync(i == self.accum - 1)
+                part.model.set_requires_gradient_sync(i == self.accum - 1)
             with self._autocast():
-                loss = self.compute_loss(batch, data_rank)
+                out = loss_fn(batch, data_rank)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
             (loss / self.accum).backward()
             losses.append(loss.detach())
-            self.throughput.add(batch.size, batch.latents.shape[1], batch.text_mask.shape[1], batch.skipped)
-        norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
+            extras.append(metrics)
+        norm = clip_grad_norm(part.params, self.cfg.optim.grad_clip)
+        part.optimizer.step()
+        mean = {k: torch.stack([m[k].float() for m in extras]).mean() for k in extras[0]}
+        return torch.stack(losses).mean(), norm.detach().float(), mean
+
+    def train_step(self) -> None:
+        metrics = self.recipe.update(self)
         self.step += 1
-        if self.ema is not None and self.step % self.cfg.ema.every == 0:
-            self.ema.update(self.model)
-        self._pending.append(torch.stack(losses).mean())
-        self._norms.append(norm.detach().float())
+        if self.step % self.cfg.ema.every == 0:
+            for part in self.parts.values():
+                if part.ema is not None:
+                    part.ema.update(part.model)
+        self._pending.append(metrics)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self, max_steps: Optional[int] = None) -> TrainResult:
@@ -295,8 +323,13 @@ class Trainer:
         return t
 
     def log_step(self, result: TrainResult) -> dict:
-        """Reduce the interval's losses and counters over ranks; write one record."""
-        losses = self._all_reduce_sum(torch.stack(self._pending).float()) / self.dist.world
+        """Reduce the interval's metrics and counters over ranks; write one record: each
+        metric's last value and its ``_avg`` over the interval (``*grad_norm`` metrics,
+        the same on every rank, as computed)."""
+        names = [k for k in self._pending[0] if not k.endswith("grad_norm")]
+        values = torch.stack([torch.stack([m[k].float() for k in names]) for m in self._pending])
+        values = self._all_reduce_sum(values) / self.dist.world
+        losses = values[:, names.index("loss")]
         tp = self.throughput
         counts = self._all_reduce_sum(torch.tensor([tp.samples, tp.tokens, tp.flops, float(tp.skipped)],
                                                    dtype=torch.float64, device=self.device))
@@ -305,13 +338,19 @@ class Trainer:
         loss_list = losses.tolist()
         result.losses += loss_list
         record = {"step": self.step, "loss": loss_list[-1], "loss_avg": float(np.mean(loss_list)),
-                  "grad_norm": float(self._norms[-1]), "lr": self.lr_at(self.step - 1),
+                  "grad_norm": float(self._pending[-1]["grad_norm"]), "lr": self.lr_at(self.step - 1),
                   "samples_per_s": rates["samples_per_s"], "image_tokens_per_s": rates["image_tokens_per_s"],
                   "tflops_per_gpu": rates["tflops_per_gpu"], "mfu": rates["mfu"],
                   "peak_memory_gb": peak_memory_gb(self.device), "skipped": self.skipped_total,
                   "samples": float(counts[0]), "image_tokens": float(counts[1]), "flops": float(counts[2]),
                   "device": device_name(self.device), "world": self.dist.world, "time": time.time()}
-        self._pending, self._norms = [], []
+        for i, k in enumerate(names):
+            if k != "loss":
+                record[k], record[f"{k}_avg"] = float(values[-1, i]), float(values[:, i].mean())
+        for k in self._pending[-1]:
+            if k.endswith("grad_norm") and k != "grad_norm":
+                record[k] = float(self._pending[-1][k])
+        self._pending = []
         tp.reset()
         result.records.append(record)
         self._write_guarded(self.logger.log, record)
@@ -320,14 +359,24 @@ class Trainer:
         return record
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _app_state(self) -> Dict:
-        # Tensors only (safetensors): the optimizer's moments, not its hyper-parameters,
-        # which a resumed run takes from its config.
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": {"state": optim_sd["state"]}, "step": torch.tensor(self.step)}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state, model_sd, optim_sd
+    def _app_state(self) -> Tuple[Dict, List[Tuple[Part, Dict, Dict]]]:
+        """The DCP state of every trained part (frozen parts are rebuilt from their
+        folder), the step and the EMA; and (part, model_sd, optim_sd) per trained part.
+        Tensors only (safetensors): an optimizer's moments, not its hyper-parameters, which
+        a resumed run takes from its config."""
+        state: Dict = {}
+        trained = []
+        for part in self.parts.values():
+            if part.optimizer is None:
+                continue
+            model_sd, optim_sd = get_state_dict(part.model, part.optimizer)
+            state[part.model_key], state[part.optim_key] = model_sd, {"state": optim_sd["state"]}
+            if part.primary:
+                state["step"] = torch.tensor(self.step)
+            if part.ema is not None:
+                state["ema" if part.primary else f"{part.name}_ema"] = part.ema.state_dict()
+            trained.append((part, model_sd, optim_sd))
+        return state, trained
 
     def rank_state(self) -> dict:
         return {"step": self.step, "rng": ckpt.rng_state(), "data": self.data.state_dict(),
@@ -351,7 +400,7 @@ class Trainer:
         if not self.run_dir:
             raise InvalidValue("this Trainer has no out_dir to checkpoint into")
         self._write_guarded(lambda: None)
-        state, _, _ = self._app_state()
+        state, _ = self._app_state()
         path = ckpt.save_checkpoint(self.run_dir, self.step, state, self.rank_state(), self.dist.rank,
                                     self.dist.world, self.cfg.checkpoint.keep_last)
         if path:
@@ -364,18 +413,20 @@ class Trainer:
             self.save()
 
     def load(self, path: str) -> None:
-        state, model_sd, optim_sd = self._app_state()
+        state, trained = self._app_state()
         # Parameters that never get a gradient (the last block's text-stream outputs are
         # discarded, as in the reference) have no optimizer state in the checkpoint.
         saved = ckpt.saved_keys(path)
-        optim_sd["state"] = state["optim"]["state"] = {k: v for k, v in optim_sd["state"].items()
-                                                       if f"optim.state.{k}.exp_avg" in saved}
+        for part, _, optim_sd in trained:
+            optim_sd["state"] = state[part.optim_key]["state"] = {
+                k: v for k, v in optim_sd["state"].items() if f"{part.optim_key}.state.{k}.exp_avg" in saved}
         rank_state = ckpt.load_checkpoint(path, state, self.dist.rank)
         if rank_state.get("data_world") != self.data_world:
             raise InvalidValue(f"{path} was written with {rank_state.get('data_world')} data ranks (ranks x "
                              f"grad_accum); this run has {self.data_world}: the data positions do not carry over")
-        set_model_state_dict(self.model, model_sd)
-        set_optimizer_state_dict(self.model, self.optimizer, optim_sd, options=StateDictOptions(strict=False))
+        for part, model_sd, optim_sd in trained:
+            set_model_state_dict(part.model, model_sd)
+            set_optimizer_state_dict(part.model, part.optimizer, optim_sd, options=StateDictOptions(strict=False))
         self.step = int(state["step"])
         self.skipped_total = int(rank_state.get("skipped_total", 0))
         ckpt.set_rng_state(rank_state["rng"])
@@ -418,14 +469,16 @@ class Trainer:
         return model.eval()
 
     def export(self, folder: Optional[str] = None, ema: Optional[bool] = None) -> Optional[str]:
-        """Write the (EMA) weights as a diffusers ``transformer`` folder (collective);
-        default ``DIR/export/transformer``, replaced on every export of this run."""
+        """Write the (EMA) weights in the recipe's export form (collective): a diffusers
+        ``transformer`` folder (default ``DIR/export/transformer``), or for a distilled
+        student a Turbo checkpoint folder (default ``DIR/export``); the run's own export
+        is replaced on every export, a folder given here is never overwritten."""
         ema = self.cfg.checkpoint.export_ema if ema is None else ema
         sd = self.full_state_dict(ema=ema)
         own = folder is None
-        folder = folder or os.path.join(self.run_dir, "export", "transformer")
+        folder = folder or self.recipe.export_path(self.run_dir)
         if self.dist.is_main:
-            ckpt.export_transformer(folder, self.model_config, sd, overwrite=own)
+            self.recipe.export(self, folder, sd, overwrite=own)
             if own:
                 ckpt.mark_exported(self.run_dir, self.step)
         barrier(self.dist)
@@ -433,13 +486,14 @@ class Trainer:
 
     def sample(self, text, mask, grid, steps: Optional[int] = None, guidance: Optional[float] = None,
                seed: int = 0, ema: bool = True) -> torch.Tensor:
-        """Token latents sampled with the (EMA) model (collective under FSDP)."""
-        lg = self.cfg.logging
+        """Token latents sampled with the (EMA) model (collective under FSDP); steps and
+        guidance default to the recipe's (``logging.sample_*``; a Turbo: its steps, 1)."""
+        default_steps, default_guidance = self.recipe.sample_settings(self.cfg)
         text = [t.to(self.device) for t in text]
         ctx = self.ema_weights() if ema else contextlib.nullcontext()
         with ctx, self._autocast():
-            return sample_tokens(self.model, text, mask.to(self.device), grid, steps or lg.sample_steps,
-                                 lg.sample_guidance if guidance is None else guidance, seed)
+            return sample_tokens(self.model, text, mask.to(self.device), grid, steps or default_steps,
+                                 default_guidance if guidance is None else guidance, seed)
 
     def maybe_sample(self) -> Optional[str]:
         every = self.cfg.logging.sample_every

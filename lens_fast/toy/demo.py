@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import save_image, write_json, write_text
 from ..cli_checks import OneLineParser, check_output_folder, integer
-from ..errors import InvalidValue, run_cli
+from ..errors import InvalidValue, MissingFile, run_cli
 from . import aspect_buckets, heldout_prompts, make_samples, score_set
 from .captions import dense_caption, layout_caption
 from .text import DEFAULT_LAYERS, HIDDEN, MiniLMTextEncoder
@@ -338,15 +338,16 @@ def fixed_threads(n: int):
 
 
 def run(cfg: DemoConfig, out: str, text_encoder: Optional[MiniLMTextEncoder] = None, eval_sizes=None,
-        write_artifacts: bool = True) -> dict:
+        write_artifacts: bool = True, export: Optional[str] = None) -> dict:
     """Train, sample, score one configuration; returns its report dict. A fixed number
     of steps on ``cfg.threads`` threads: the result does not depend on the machine's
-    speed, core count or load."""
+    speed, core count or load. ``export``: a new folder to write the trained (EMA) model to
+    as a diffusers ``transformer`` folder."""
     with fixed_threads(cfg.threads):
-        return _run(cfg, out, text_encoder, eval_sizes, write_artifacts)
+        return _run(cfg, out, text_encoder, eval_sizes, write_artifacts, export)
 
 
-def _run(cfg: DemoConfig, out: str, text_encoder, eval_sizes, write_artifacts: bool) -> dict:
+def _run(cfg: DemoConfig, out: str, text_encoder, eval_sizes, write_artifacts: bool, export: Optional[str]) -> dict:
     from ..train import InMemorySource, Trainer
 
     t0 = time.time()
@@ -367,6 +368,8 @@ def _run(cfg: DemoConfig, out: str, text_encoder, eval_sizes, write_artifacts: b
         t1 = time.time()
         trainer.train(max_steps=cfg.steps)
         t_train = time.time() - t1
+        if export:
+            trainer.export(export)
         bar.set_description("sampling held-out prompts")
         ema = trainer.ema_model()
         scores, images = evaluate(ema, text_encoder, prompts, eval_sizes, cfg, bar)
@@ -402,7 +405,7 @@ def load_demo_model(run_dir: str):
 
     path = os.path.join(run_dir, "report.json")
     if not os.path.isfile(path) or not os.path.isdir(os.path.join(run_dir, "transformer")):
-        raise FileNotFoundError(f"{run_dir} holds no report.json and transformer/; expected the folder of a "
+        raise MissingFile(f"{run_dir} holds no report.json and transformer/; expected the folder of a "
                                 "finished `lens-fast demo` run")
     with open(path, encoding="utf-8") as f:
         values = json.load(f)["config"]
@@ -462,6 +465,8 @@ def _main(argv: List[str]) -> int:
     p.add_argument("--steps", type=integer(1, 10 ** 6), help="training steps (default 1800; 120 with --quick)")
     p.add_argument("--threads", type=integer(1, 1024), default=DemoConfig.threads,
                    help="CPU threads for training and sampling (the result depends on it, not on the machine)")
+    p.add_argument("--lifecycle", action="store_true", help="pre-train, then distil the exported model into a "
+                                                            "4-step Turbo and score both (lens_fast.toy.lifecycle)")
     args = p.parse_args(argv)
     check_output_folder(args.out, "--out")
     overrides = {"seed": args.seed, "threads": args.threads}
@@ -473,7 +478,10 @@ def _main(argv: List[str]) -> int:
         # Every arm trains the same number of optimiser steps on the same batch size; each
         # arm's wall time is in its report.
         arm = replace(cfg, steps=cfg.ablation_steps, warmup=min(cfg.warmup, cfg.ablation_steps // 4))
-    if args.ablation == "captions":
+    if args.lifecycle:
+        from .lifecycle import run_lifecycle
+        run_lifecycle(cfg, args.out, args.quick, text_encoder=text_encoder)
+    elif args.ablation == "captions":
         reports = {}
         for mode in CAPTION_MODES:
             reports[mode] = run(replace(arm, name=f"captions-{mode}", captions=mode), os.path.join(args.out, mode),
