@@ -20,7 +20,7 @@ from .reasoner.generate_cli import add_arguments as add_reasoner_arguments
 # Subcommands with their own parser: name -> (module whose ``main(argv)`` runs it, help line).
 SUBCOMMANDS = {
     "train": ("lens_fast.train.cli", "train or fine-tune Lens (see lens_fast.train)"),
-    "demo": ("lens_fast.toy.demo", "train and score a miniature Lens on this CPU"),
+    "demo": ("lens_fast.toy.demo_cli", "train and score a miniature Lens on this CPU"),
     "search-system-prompt": ("lens_fast.reasoner.search_cli", "tune the reasoner's system prompt (training-free)"),
     "curate": ("lens_fast.curate.cli", "filter, deduplicate and caption images into training shards"),
 }

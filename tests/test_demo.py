@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lens_fast.toy.demo import TAG_ORDER, main
+from lens_fast.toy.demo import TAG_ORDER
+from lens_fast.toy.demo_cli import main
 from lens_fast.toy.text import HIDDEN, MiniLMTextEncoder
 
 

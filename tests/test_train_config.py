@@ -117,3 +117,10 @@ def test_out_folder_of_another_run_is_refused_unless_resume(tmp_path, capsys):
     (other / "run.json").write_text(json.dumps({"model_config": {"num_layers": 7}}))
     assert main(["--config", "tiny-cpu", "--out", str(other), "--resume", "--no-progress"]) == 2
     assert "trained a different model" in capsys.readouterr().err
+
+
+def test_every_recipe_a_config_can_name_is_registered():
+    from lens_fast.train.config import RECIPES
+    from lens_fast.train.recipes import RECIPE_CLASSES
+
+    assert set(RECIPES) == set(RECIPE_CLASSES)

@@ -105,16 +105,3 @@ class Recipe:
 
 
 PretrainRecipe = Recipe
-
-
-def make_recipe(name: str) -> Recipe:
-    """The recipe registered under ``name`` (config ``recipe``)."""
-    if name == "pretrain":
-        return PretrainRecipe()
-    if name == "distill":
-        from .distill import DistillRecipe
-
-        return DistillRecipe()
-    from .config import RECIPES
-
-    raise InvalidValue(f"recipe={name!r}: expected one of {list(RECIPES)}")

@@ -34,7 +34,8 @@ from .config import TrainConfig
 from .data import Batch, PixelSpace
 from .metrics import MetricsLogger, Throughput, device_name, peak_memory_gb
 from .parallel import EMA, all_ranks_ok, barrier, clip_grad_norm, dtype_of, full_tensor, init_distributed
-from .recipe import Part, Recipe, make_recipe
+from .recipe import Part, Recipe
+from .recipes import make_recipe
 from .run_dir import RunLock, open_run_dir, tidy_for_resume
 from .sample import sample_tokens, save_grid
 
