@@ -91,7 +91,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"lens_fast": ["py.typed"]},
+    package_data={"lens_fast": ["py.typed", "toy/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -1,4 +1,4 @@
-"""The ``lens-fast`` command: ``generate``, ``train`` and ``demo``.
+"""The ``lens-fast`` command: ``generate``, ``train``, ``demo`` and ``rl-prompts``.
 
 Errors a user can cause (bad sizes, missing folders, corrupt files, unknown options)
 print one line to stderr and exit with status 2, without a traceback.
@@ -18,6 +18,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeErr
 SUBCOMMANDS = {
     "train": ("lens_fast.train.cli", "train or fine-tune Lens (see lens_fast.train)"),
     "demo": ("lens_fast.toy.demo", "train and score a miniature Lens on this CPU"),
+    "rl-prompts": ("lens_fast.rl.prompts", "build a taxonomy-driven RL prompt set with rubrics; report its coverage"),
 }
 
 

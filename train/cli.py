@@ -7,6 +7,8 @@ CPU, or under ``torchrun`` on many GPUs and nodes.
     lens-fast train --config tiny-cpu --out /tmp/tiny --max-steps 20
     lens-fast train --config distill --teacher /ckpt/Lens --data "/data/shard-{000000..000099}.tar" \
         --out runs/turbo                     # a 4-step, CFG-free Turbo of /ckpt/Lens (runs/turbo/export)
+    lens-fast rl-prompts --taxonomy taxonomy.yaml --out set.jsonl
+    lens-fast train --config rl --pretrained /ckpt/Lens --set rl.prompts=set.jsonl --out runs/rl   # DiffusionNFT
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import List, Optional
 
 import yaml
 
+from lens_fast.rl.rewards import RewardError
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
@@ -27,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lens-fast train", description="Train or fine-tune Lens.",
                                 allow_abbrev=False)
     p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
-    p.add_argument("--recipe", help=f"what to train (config key recipe): {' or '.join(RECIPES)} (pretrain also "
-                                    "fine-tunes; distill makes a Turbo of --teacher)")
+    p.add_argument("--recipe", help=f"what to train (config key recipe): {', '.join(RECIPES)} (pretrain also "
+                                    "fine-tunes; distill makes a Turbo of --teacher; rl post-trains --pretrained "
+                                    "on rl.prompts)")
     p.add_argument("--teacher", help="recipe distill: the Lens checkpoint folder to distil (distill.teacher)")
     p.add_argument("--out", help="run folder (default runs/<config name>); refused if it holds another "
                                  "run's files, unless --resume")
@@ -120,4 +125,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     except USER_ERRORS as e:
         print(f"lens-fast train: error: {e}", file=sys.stderr)
+        return 2
+    except RewardError as e:  # a judge that stayed down or kept answering garbage: the checkpoints are intact
+        print(f"lens-fast train: error: {e}; the run stopped, rerun with --resume to continue from its last "
+              "checkpoint", file=sys.stderr)
         return 2

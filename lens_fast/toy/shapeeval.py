@@ -44,7 +44,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .scene import PALETTE, TAGS
+from .scene import BACKGROUNDS, PALETTE, TAGS
 
 WORK_SIDE = 128
 BG_TOL = 40.0
@@ -418,43 +418,61 @@ def _name(req: dict, count: int | None = None) -> str:
     return f"{n} {color}{req['class']}{'' if n == 1 else 's'}"
 
 
-def _check(objects: list[dict], meta: dict) -> str | None:
-    """None when the detections satisfy the metadata, else the first reason they fail."""
+def rubric_checks(objects: list[dict], meta: dict, background=None) -> list[tuple[str, bool, str | None]]:
+    """Every requirement of GenEval-style metadata, in order: (item, satisfied, why not).
+    Items: each include entry (at least `count` of its class and colour; exactly
+    `count` for the counting tag), each exclude entry, each position, and the
+    background when the metadata names one (``background``: the detected RGB)."""
     tag = meta.get("tag")
     include = meta.get("include")
     if not include:
         raise ValueError(f"metadata has no 'include' entries: {meta!r}")
-    matched = []
     for req in include:
         if "class" not in req:
             raise ValueError(f"include entry without a 'class': {req!r}")
+        if req.get("position") and not 0 <= int(req["position"][1]) < len(include):
+            raise ValueError(f"position {req['position']!r} refers to include[{req['position'][1]}], "
+                             f"but there are {len(include)} entries")
+    items, matched = [], []
+    for req in include:
         count = int(req.get("count", 1))
         same_class = [o for o in objects if o["class"] == req["class"]]
         found = [o for o in same_class if not req.get("color") or o["color"] == req["color"]]
+        name, why = _name(req), None
         if len(found) < count:
             seen = sorted(o["color"] for o in same_class)
             extra = f" ({req['class']} colours seen: {', '.join(seen)})" if seen and req.get("color") else ""
-            return f"expected {_name(req)}, found {len(found)}{extra}"
-        if tag == "counting" and len(same_class) != count:
-            return f"expected exactly {_name(req)}, found {len(same_class)}"
+            why = f"expected {_name(req)}, found {len(found)}{extra}"
+        elif tag == "counting" and len(same_class) != count:
+            name, why = f"exactly {name}", f"expected exactly {_name(req)}, found {len(same_class)}"
+        items.append((name, why is None, why))
         matched.append(found)
     for req in meta.get("exclude", []):
         n = sum(o["class"] == req["class"] for o in objects)
-        if n >= int(req["count"]):
-            return f"expected fewer than {_name(req)}, found {n}"
+        ok = n < int(req["count"])
+        items.append((f"fewer than {_name(req)}", ok, None if ok else f"expected fewer than {_name(req)}, found {n}"))
     for i, req in enumerate(include):
         if not req.get("position"):
             continue
         relation, j = req["position"]
-        if not 0 <= int(j) < len(include):
-            raise ValueError(f"position {req['position']!r} refers to include[{j}], "
-                             f"but there are {len(include)} entries")
-        if not any(relation_holds(a, b, relation) for a in matched[i] for b in matched[int(j)]):
-            seen = sorted({r for a in matched[i] for b in matched[int(j)]
-                           for r in _relations_between(a, b)})
-            return (f"expected the {include[i]['class']} {relation} the {include[int(j)]['class']}, "
-                    f"found {', '.join(seen) if seen else 'no clear relation'}")
-    return None
+        name = f"{include[i]['class']} {relation} {include[int(j)]['class']}"
+        if any(relation_holds(a, b, relation) for a in matched[i] for b in matched[int(j)]):
+            items.append((name, True, None))
+            continue
+        seen = sorted({r for a in matched[i] for b in matched[int(j)] for r in _relations_between(a, b)})
+        items.append((name, False, f"expected the {include[i]['class']} {relation} the {include[int(j)]['class']}, "
+                                   f"found {', '.join(seen) if seen else 'no clear relation'}"))
+    if meta.get("background") is not None and background is not None:
+        named = min(BACKGROUNDS, key=lambda k: float(np.linalg.norm(np.subtract(BACKGROUNDS[k], background))))
+        ok = named == meta["background"]
+        items.append((f"{meta['background']} background", ok,
+                      None if ok else f"expected a {meta['background']} background, found {named}"))
+    return items
+
+
+def _check(objects: list[dict], meta: dict, background=None) -> str | None:
+    """None when the detections satisfy the metadata, else the first reason they fail."""
+    return next((why for _, ok, why in rubric_checks(objects, meta, background) if not ok), None)
 
 
 def score_image(image: Image.Image, metadata: dict) -> dict:
@@ -463,7 +481,7 @@ def score_image(image: Image.Image, metadata: dict) -> dict:
     if not isinstance(metadata, dict):
         raise TypeError(f"expected metadata as a dict, got {type(metadata).__name__}")
     objects, info = detect_objects(image)
-    reason = _check(objects, metadata)
+    reason = _check(objects, metadata, info["background"])
     if reason is not None and not objects and info["dropped"]:
         reason += f"; {info['dropped'][0]}"
     return {"correct": reason is None, "tag": metadata.get("tag"), "reason": reason,
