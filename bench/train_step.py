@@ -99,8 +99,10 @@ def make_config(args, layers, cpu):
     return cfg
 
 
-def run_case(args, layers, device, cpu):
-    cfg = make_config(args, layers, cpu)
+def timed_run(cfg, args, device, cpu, forwards: float = 3.0) -> dict:
+    """Train ``cfg`` on fixed random tokens, timing every step: the shape, the steady
+    step time (``timing``), the model TFLOP/s of ``forwards`` forwards per sample and
+    step, the last loss and the peak GPU memory."""
     t = cfg.model.transformer
     grid = (args.area // 16, args.area // 16) if not cpu else (4, 4)
     batch = args.batch if not cpu else 2
@@ -115,42 +117,95 @@ def run_case(args, layers, device, cpu):
         result = trainer.train()
     finally:
         trainer.close()
-    steady = timer.times[args.warmup:]
-    step_s = statistics.median(steady)
-    ordered = sorted(steady)
+    times = timing(timer.times, args.warmup)
     n_txt = data.b.text_mask.shape[1]
-    flops = 3 * lens_forward_flops(t, grid[0] * grid[1], n_txt, batch)["total"]
+    flops = forwards * lens_forward_flops(t, grid[0] * grid[1], n_txt, batch)["total"]
     return dict(layers=t["num_layers"], batch=batch, image_tokens=batch * grid[0] * grid[1], text_tokens=n_txt,
-                first_steps_s=timer.times[:args.warmup], step_ms_median=1e3 * step_s,
-                step_ms_p20=1e3 * ordered[len(ordered) // 5], step_ms_p80=1e3 * ordered[4 * len(ordered) // 5],
-                model_tflop_per_step=flops / 1e12, tflops=flops / step_s / 1e12,
+                **times, model_tflop=flops / 1e12, tflops=flops / (times["median_ms"] / 1e3) / 1e12,
                 final_loss=result.losses[-1] if result.losses else None,
                 peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
                 activation_checkpointing=cfg.parallel.activation_checkpointing, compile=cfg.parallel.compile)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="write the JSON result here")
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 2 + 2 steps (CI)")
-    p.add_argument("--layers", default="auto", help="number of blocks, or auto (as many as fit)")
-    p.add_argument("--batch", type=int, default=24)
-    p.add_argument("--area", type=int, default=512)
-    p.add_argument("--text-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--ac", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--no-compile", action="store_true")
-    args = p.parse_args(argv)
+def run_case(args, layers, device, cpu):
+    case = timed_run(make_config(args, layers, cpu), args, device, cpu)
+    for old, new in (("median_ms", "step_ms_median"), ("p20_ms", "step_ms_p20"), ("p80_ms", "step_ms_p80"),
+                     ("model_tflop", "model_tflop_per_step")):
+        case[new] = case.pop(old)
+    return case
+
+
+def timing(times, warmup: int) -> dict:
+    """First (warm-up) step times and the steady steps' median / p20 / p80 in ms."""
+    steady = sorted(times[warmup:])
+    return dict(first_steps_s=times[:warmup], median_ms=1e3 * statistics.median(steady),
+                p20_ms=1e3 * steady[len(steady) // 5], p80_ms=1e3 * steady[4 * len(steady) // 5])
+
+
+def largest_fit(candidates, run):
+    """``run(layers)`` for each candidate layer count, largest first, until one does not
+    run out of GPU memory: (its result or None, the counts that did)."""
+    tried = []
+    for layers in candidates:
+        try:
+            return run(layers), tried
+        except torch.cuda.OutOfMemoryError:
+            tried.append(layers)
+            gc.collect()
+            torch.cuda.empty_cache()
+    return None, tried
+
+
+def finish(case: dict, name: str, measured, tried, dry_run: bool, out) -> dict:
+    """Add the device, the peaks, MFU and the date to ``case``; write it to ``out``."""
+    peak = peak_bf16_tflops(name) if name != "cpu" else None
+    case.update(device=name, torch=torch.__version__, oom_layer_counts=tried, datasheet_bf16_tflops=peak,
+                measured_bf16_matmul_tflops=measured,
+                mfu_vs_datasheet=None if peak is None else case["tflops"] / peak,
+                mfu_vs_measured_matmul=None if measured is None else case["tflops"] / measured,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), dry_run=bool(dry_run))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(case, f, indent=1)
+    return case
+
+
+def setup_device(args):
+    """(cpu, device, its name, its measured bf16 matmul rate) or None without CUDA and --dry-run."""
     cpu = args.dry_run or not torch.cuda.is_available()
     if cpu and not args.dry_run:
         print("no CUDA device: use --dry-run for the CPU smoke run", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        args.steps, args.warmup = 2, 2
+        return None
     device = torch.device("cpu") if cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     name = "cpu" if cpu else torch.cuda.get_device_name(device)
-    measured = None if cpu else matmul_tflops(device)
+    return cpu, device, name, None if cpu else matmul_tflops(device)
+
+
+def bench_parser(description: str, batch: int, area: int, steps: int, warmup: int, ac: str):
+    """The options both trainer benchmarks take, with their own defaults."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", help="write the JSON result here")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 2 + 2 steps (CI)")
+    p.add_argument("--layers", default="auto", help="number of blocks, or auto (as many as fit)")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--area", type=int, default=area)
+    p.add_argument("--text-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--ac", default=ac, choices=["none", "selective", "full"])
+    p.add_argument("--no-compile", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = bench_parser(__doc__.splitlines()[0], batch=24, area=512, steps=10, warmup=3, ac="none").parse_args(argv)
+    found = setup_device(args)
+    if found is None:
+        return 2
+    cpu, device, name, measured = found
+    if args.dry_run:
+        args.steps, args.warmup = 2, 2
     if args.layers == "auto" and not cpu:
         free = torch.cuda.mem_get_info(device)[1] / 2 ** 30
         # ~1.4 GB of fp32 weights + grads + Adam + EMA per block, + ~2.3 GB activations at 24K tokens without AC.
@@ -158,24 +213,12 @@ def main(argv=None) -> int:
         candidates = list(range(min(48, int((free - 8) / per_block)), 0, -2))
     else:
         candidates = [int(args.layers)] if args.layers != "auto" else [2]
-    case, tried = None, []
-    for layers in candidates:
-        try:
-            case = run_case(args, layers, device, cpu)
-            break
-        except torch.cuda.OutOfMemoryError:
-            tried.append(layers)
-            gc.collect()
-            torch.cuda.empty_cache()
+    case, tried = largest_fit(candidates, lambda layers: run_case(args, layers, device, cpu))
     if case is None:
         print(f"every layer count OOMed: {tried}", file=sys.stderr)
         return 1
-    peak = peak_bf16_tflops(name) if not cpu else None
-    case.update(device=name, torch=torch.__version__, oom_layer_counts=tried,
-                datasheet_bf16_tflops=peak, measured_bf16_matmul_tflops=measured,
-                mfu_vs_datasheet=None if peak is None else case["tflops"] / peak,
-                mfu_vs_measured_matmul=None if measured is None else case["tflops"] / measured,
-                date=time.strftime("%Y-%m-%d %H:%M:%S"), dry_run=bool(args.dry_run))
+    finish(case, name, measured, tried, args.dry_run, args.out)
+    peak = case["datasheet_bf16_tflops"]
     line = (f"train_step {name} layers={case['layers']} batch={case['batch']} tokens={case['image_tokens']} "
             f"step {case['step_ms_median']:.1f} ms (p20 {case['step_ms_p20']:.1f}, p80 {case['step_ms_p80']:.1f}) "
             f"{case['tflops']:.2f} TFLOP/s")
@@ -184,10 +227,6 @@ def main(argv=None) -> int:
     if peak:
         line += f", {100 * case['mfu_vs_datasheet']:.1f}% of datasheet {peak:.0f}"
     print(line)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(case, f, indent=1)
     return 0
 
 

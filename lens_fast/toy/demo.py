@@ -417,6 +417,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="demo_out", help="output folder (must be new or empty)")
     p.add_argument("--ablation", choices=["captions", "resolution"], help="equal-compute ablation")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lifecycle", action="store_true", help="pre-train, then distil the exported model into a "
+                                                            "4-step Turbo and score both (lens_fast.toy.lifecycle)")
     args = p.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise FileExistsError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
@@ -426,7 +428,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Every arm trains the same number of optimiser steps on the same batch size (the
         # time cap is only a guard); each arm's wall time is in its report.
         arm = replace(cfg, steps=cfg.ablation_steps, warmup=min(cfg.warmup, cfg.ablation_steps // 4))
-    if args.ablation == "captions":
+    if args.lifecycle:
+        from .lifecycle import run_lifecycle
+        run_lifecycle(cfg, args.out, args.quick, text_encoder=text_encoder)
+    elif args.ablation == "captions":
         reports = {}
         for mode in CAPTION_MODES:
             reports[mode] = run(replace(arm, name=f"captions-{mode}", captions=mode), os.path.join(args.out, mode),

@@ -1,0 +1,64 @@
+"""The whole lifecycle on the toy world, one stage after another, each starting from the
+previous stage's exported folder: pre-train (the demo) -> distil (a 4-step Turbo).
+
+    lens-fast demo --lifecycle [--quick] --out DIR      # DIR/pretrain, DIR/distill
+    python -m lens_fast.toy.lifecycle --teacher DIR/pretrain/export --out DIR2   # the distil stage alone
+
+``DIR/pretrain/export`` holds the demo's model as a diffusers ``transformer/`` folder,
+``DIR/distill/run/export`` the Turbo (``model_index.json`` marks it lens-turbo).
+``DIR/report.md`` gathers the stages' reports. A later stage (RL) joins ``STAGES``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .demo import DemoConfig, _write, build_config, run as pretrain_run
+from .distill_stage import run_stage, stage_config
+from .text import MiniLMTextEncoder
+
+STAGES = ("pretrain", "distill")
+
+
+def run_lifecycle(demo: DemoConfig, out: str, quick: bool = False, teacher: Optional[str] = None,
+                  text_encoder: Optional[MiniLMTextEncoder] = None) -> dict:
+    """Run the stages into ``out``; with ``teacher`` (an exported folder) start at distil."""
+    text_encoder = text_encoder or MiniLMTextEncoder()
+    reports = {}
+    if teacher is None:
+        teacher = os.path.join(out, "pretrain", "export")
+        reports["pretrain"] = pretrain_run(demo, os.path.join(out, "pretrain"), text_encoder,
+                                           export=os.path.join(teacher, "transformer"))
+        _write(os.path.join(out, "pretrain"), {demo.name: reports["pretrain"]}, "Pre-training (the demo)")
+    reports["distill"] = run_stage(teacher, os.path.join(out, "distill"), demo, stage_config(quick), text_encoder)
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(reports, f, indent=1)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(f"# lens_fast lifecycle on the toy world: {' -> '.join(reports)}\n\n")
+        for name in reports:
+            path = os.path.join(out, name, "report.md")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as stage:
+                    f.write(f"## {name}\n\n{stage.read().split(chr(10), 1)[1]}\n")
+    return reports
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lens_fast.toy.lifecycle", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--teacher", help="start at the distil stage from this exported folder of the demo's model")
+    p.add_argument("--quick", action="store_true", help="a smoke run of every stage (CI)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise FileExistsError(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
+    run_lifecycle(build_config(args.quick, seed=args.seed), args.out, args.quick, args.teacher)
+    print(f"wrote {args.out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
