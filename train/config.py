@@ -150,6 +150,7 @@ class RLConfig:
     prompts: Optional[str] = None  # the prompt set (JSONL written by lens-fast rl-prompts)
     rewards: Dict[str, float] = field(default_factory=lambda: {"judge": 1.0})  # name -> weight: judge, shapeeval
     judge_env: str = "LENS_JUDGE"  # the judge endpoint: {judge_env}_BASE_URL, _MODEL, _API_KEY
+    judge_options: Dict[str, Any] = field(default_factory=dict)  # ChatEndpoint settings: timeout_s, max_retries...
     rewrite: Optional[str] = None  # prompt rewriter before the text encoder: None or "toy" (the toy world's)
     prompts_per_step: int = 16  # G: prompts (groups) per step, over all ranks
     images_per_prompt: int = 8  # K: rollouts per prompt, normalised within the group

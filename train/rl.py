@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lens_fast.pipeline import decoded_to_output
+from lens_fast.rl.rewards import RewardError, checked
 from lens_fast.sampling import add_noise, lens_sigmas
 
 from .build import folder_fingerprint, model_folder
@@ -76,7 +77,10 @@ class RLRecipe(Recipe):
         if self.reward is None and "judge" in r.rewards:
             from lens_fast.chat_api import ChatEndpoint
 
-            ChatEndpoint.from_env(r.judge_env)  # the endpoint is configured: fail now, not at the first step
+            try:  # the endpoint is configured: fail now, not at the first step
+                ChatEndpoint.from_env(r.judge_env, **r.judge_options)
+            except TypeError as e:
+                raise ValueError(f"rl.judge_options={r.judge_options!r}: {e}") from None
         if r.prompts_per_step % trainer.dist.world:
             raise ValueError(f"rl.prompts_per_step={r.prompts_per_step} must be a multiple of the {trainer.dist.world} "
                              "ranks (each rank rolls out whole prompt groups)")
@@ -116,7 +120,7 @@ class RLRecipe(Recipe):
             from lens_fast.rl.rewards import build_reward
 
             cache = os.path.join(trainer.run_dir, "judge_cache") if trainer.run_dir else None
-            self.reward = build_reward(r.rewards, r.judge_env, cache)
+            self.reward = build_reward(r.rewards, r.judge_env, cache, r.judge_options)
         self.last: Dict = {}
 
     def data_source(self, trainer) -> PromptSource:
@@ -152,21 +156,21 @@ class RLRecipe(Recipe):
         decay = old_decay(trainer.step, *trainer.cfg.rl.old_decay)
         soft_update([local(p) for p in trainer.parts["old"].model.parameters()],
                     [local(p.detach()) for p in trainer.model.parameters()], decay)
-        self.sampler.sync()
         t3 = time.perf_counter()
         spread = everyone.std(dim=1, unbiased=False)
         self.last = {"step": trainer.step, "records": prompts.records, "texts": prompts.texts, "rewards": rewards,
                      "results": results}
-        seconds = torch.tensor
+        self.last_times = {"rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2}
+        times = {k: torch.tensor(v) for k, v in self.last_times.items()}
         return {"loss": loss, "grad_norm": norm, "reward": everyone.mean(), "reward_std": everyone.std(),
                 "zero_std_groups": (spread < 1e-6).float().mean(), "advantage_abs": mine.abs().mean(),
-                "old_decay": torch.tensor(decay), "rollout_s": seconds(t1 - t0), "reward_s": seconds(t2 - t1),
-                "update_s": seconds(t3 - t2), **metrics}
+                "old_decay": torch.tensor(decay), **times, **metrics}
 
     def rollout(self, trainer, prompts):
         """The old policy's rollouts: ``images_per_prompt`` per prompt, starting noise keyed by
         (seed, step, image index j * K + k). Returns (clean latents [G_l * K, N, C], grid)."""
         r, dev = trainer.cfg.rl, trainer.device
+        self.sampler.sync()  # the old policy as it is now (soft-updated, or restored by a resume)
         grid = trainer.decoder.latent_grid(r.height, r.width)
         k = r.images_per_prompt
         text = [t.repeat_interleave(k, 0) for t in prompts.text]
@@ -189,12 +193,14 @@ class RLRecipe(Recipe):
 
     def score(self, trainer, prompts, x0, grid):
         """Rewards [G_l, K] of this rank's rollouts (NaN / inf refused, naming the prompt)."""
-        from lens_fast.rl.rewards import checked
-
         k = trainer.cfg.rl.images_per_prompt
         records = [rec for rec in prompts.records for _ in range(k)]
         texts = [rec["prompt"] for rec in records]
-        results = checked(self.reward.name, self.reward.score(self.images(trainer, x0, grid), texts, records), texts)
+        try:
+            results = self.reward.score(self.images(trainer, x0, grid), texts, records)
+        except RewardError as e:
+            raise RewardError(f"step {trainer.step + 1}: {e}") from e
+        results = checked(self.reward.name, results, texts)
         rewards = torch.tensor([float(res.score) for res in results], dtype=torch.float32, device=x0.device)
         return rewards.view(-1, k), results
 

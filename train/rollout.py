@@ -115,8 +115,8 @@ class RolloutSampler:
     """Rollouts of a policy through ``LensPipeline``'s sampler. ``fast``: the inference
     engine (fused ops, per-step tables, compiled blocks and CUDA graphs on a GPU) on an
     unsharded copy of the policy in ``dtype`` (the engine calls the blocks' parts directly,
-    which FSDP2 would not unshard), refreshed by ``sync`` after each update; otherwise the
-    reference sampler runs on the policy itself, sharded or not."""
+    which FSDP2 would not unshard), refreshed by ``sync`` (call it before sampling);
+    otherwise the reference sampler runs on the policy itself, sharded or not."""
 
     def __init__(self, policy: LensTransformer2DModel, model_config: dict, fast: bool, dtype: torch.dtype, device):
         self.policy, self.fast = policy, fast
@@ -131,7 +131,6 @@ class RolloutSampler:
             cuda = torch.device(device).type == "cuda"
             self.engine = self.pipe.enable_fast_path(text_bucket=64 if cuda else None, compile_vae=False,
                                                      channels_last=False)
-            self.sync()
 
     @torch.no_grad()
     def sync(self) -> None:

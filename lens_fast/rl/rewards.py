@@ -103,10 +103,11 @@ class ShapeEvalReward:
         return out
 
 
-def build_reward(weights: Dict[str, float], judge_env: str = "LENS_JUDGE", cache_dir: Optional[str] = None):
+def build_reward(weights: Dict[str, float], judge_env: str = "LENS_JUDGE", cache_dir: Optional[str] = None,
+                 judge_options: Optional[dict] = None):
     """The reward of a config's ``rl.rewards`` ({name: weight}): ``shapeeval`` and / or
-    ``judge`` (``RubricJudge`` on the endpoint in {judge_env}_BASE_URL / _MODEL / _API_KEY,
-    answers cached in ``cache_dir``)."""
+    ``judge`` (``RubricJudge`` on the endpoint in {judge_env}_BASE_URL / _MODEL / _API_KEY
+    with the ``ChatEndpoint`` settings ``judge_options``, answers cached in ``cache_dir``)."""
     known = ("shapeeval", "judge")
     parts = []
     for name, w in weights.items():
@@ -117,7 +118,8 @@ def build_reward(weights: Dict[str, float], judge_env: str = "LENS_JUDGE", cache
 
             from .judge import RubricJudge
 
-            parts.append((RubricJudge(ChatEndpoint.from_env(judge_env), cache_dir=cache_dir), float(w)))
+            endpoint = ChatEndpoint.from_env(judge_env, **(judge_options or {}))
+            parts.append((RubricJudge(endpoint, cache_dir=cache_dir), float(w)))
         else:
             raise ValueError(f"rl.rewards has {name!r}; expected names from {list(known)}")
     return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedReward(parts)
