@@ -87,7 +87,7 @@ class RubricJudge:
             rubric, rule = record.get("rubric") or [], record.get("global_rule") or ""
             if not rubric:
                 raise ValueError(f"prompt {prompt!r} has no rubric items; the judge needs at least one")
-            cached = self.cache.get(self._key(image, prompt, rubric, rule)) if self.cache else None
+            cached = self.cache.get(self._key(image, prompt, rubric, rule)) if self.cache is not None else None
             if cached is not None:
                 answers[i] = cached
             else:
@@ -104,7 +104,7 @@ class RubricJudge:
                                   f"prompt {prompts[i]!r} (image {i}) after {reply.attempts} attempts: {reply}") \
                     from reply
             answers[i] = reply.parsed
-            if self.cache:
+            if self.cache is not None:
                 record = metadata[i]
                 self.cache.put(self._key(images[i], prompts[i], record["rubric"], record.get("global_rule") or ""),
                                reply.parsed)

@@ -447,7 +447,10 @@ def rubric_checks(objects: list[dict], meta: dict, background=None) -> list[tupl
             name, why = f"exactly {name}", f"expected exactly {_name(req)}, found {len(same_class)}"
         items.append((name, why is None, why))
         matched.append(found)
+    exact = {req["class"] for req in include} if tag == "counting" else set()
     for req in meta.get("exclude", []):
+        if req["class"] in exact:  # implied by the exact count above (GenEval's counting exclude)
+            continue
         n = sum(o["class"] == req["class"] for o in objects)
         ok = n < int(req["count"])
         items.append((f"fewer than {_name(req)}", ok, None if ok else f"expected fewer than {_name(req)}, found {n}"))
