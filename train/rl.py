@@ -34,7 +34,7 @@ from .data import Batch
 from .distill import _broadcast
 from .loss import step_generator
 from .nft import group_advantages, nft_loss, old_decay, optimality, policy_velocity, soft_update
-from .parallel import dtype_of, local
+from .parallel import dtype_of, local, reshard
 from .recipe import Recipe
 from .rollout import PromptSource, RolloutSampler, rollout_noise, toy_rewrite
 
@@ -154,6 +154,8 @@ class RLRecipe(Recipe):
         trainer.throughput.add(x0.shape[0], x0.shape[1], n_txt, forwards=self.forwards(trainer.cfg))
         loss, norm, metrics = trainer.optimize(trainer.parts["model"], partial(self.loss, trainer), batches)
         decay = old_decay(trainer.step, *trainer.cfg.rl.old_decay)
+        for part in ("model", "old"):
+            reshard(trainer.parts[part].model)
         soft_update([local(p) for p in trainer.parts["old"].model.parameters()],
                     [local(p.detach()) for p in trainer.model.parameters()], decay)
         t3 = time.perf_counter()

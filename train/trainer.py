@@ -31,7 +31,7 @@ from .builders import check_run_dir, init_run_dir
 from .config import TrainConfig
 from .data import Batch, PixelSpace
 from .metrics import MetricsLogger, Throughput, device_name, peak_memory_gb
-from .parallel import EMA, barrier, clip_grad_norm, dtype_of, full_tensor, init_distributed
+from .parallel import EMA, barrier, clip_grad_norm, dtype_of, full_tensor, init_distributed, reshard
 from .recipe import Part, Recipe, make_recipe
 from .sample import sample_tokens, save_grid
 
@@ -397,11 +397,7 @@ class Trainer:
         """Drop FSDP's gathered copies (a no-grad forward leaves the last block's
         gathered): a weight swap must be seen by the next all-gather."""
         if self.fsdp:
-            from torch.distributed.fsdp import FSDPModule
-
-            for m in self.model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+            reshard(self.model)
 
     @contextlib.contextmanager
     def ema_weights(self):

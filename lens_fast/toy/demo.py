@@ -415,8 +415,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="lens-fast demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="~2 minute version (CI)")
     p.add_argument("--out", default="demo_out", help="output folder (must be new or empty)")
-    p.add_argument("--ablation", choices=["captions", "resolution"], help="equal-compute ablation")
+    p.add_argument("--ablation", choices=["captions", "resolution", "narrow"], help="equal-compute ablation (narrow: "
+                   "with --rl, RL on single objects only against the taxonomy set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rl", metavar="FOLDER", help="the RL stage (lens_fast.toy.rl_stage) on the demo's exported model")
     p.add_argument("--lifecycle", action="store_true", help="pre-train, then distil the exported model into a "
                                                             "4-step Turbo and score both (lens_fast.toy.lifecycle)")
     args = p.parse_args(argv)
@@ -428,7 +430,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Every arm trains the same number of optimiser steps on the same batch size (the
         # time cap is only a guard); each arm's wall time is in its report.
         arm = replace(cfg, steps=cfg.ablation_steps, warmup=min(cfg.warmup, cfg.ablation_steps // 4))
-    if args.lifecycle:
+    if args.rl:
+        from .rl_stage import run_stage, stage_config
+        run_stage(args.rl, args.out, cfg, stage_config(args.quick, seed=args.seed), args.ablation == "narrow",
+                  text_encoder)
+    elif args.lifecycle:
         from .lifecycle import run_lifecycle
         run_lifecycle(cfg, args.out, args.quick, text_encoder=text_encoder)
     elif args.ablation == "captions":
