@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -32,10 +31,9 @@ import torch
 from lens_fast.flops import lens_forward_flops
 from lens_fast.rl.rewards import RewardResult
 from lens_fast.train import Callback, PixelSpace, Trainer, load_config
-from lens_fast.train.parallel import barrier, init_distributed
 from lens_fast.train.rollout import PromptSource
-from distill_step import write_teacher  # bench/
-from train_step import OFFICIAL_WIDTH, bench_parser, finish, largest_fit, setup_device  # bench/
+from distill_step import largest_case, model_once  # bench/
+from train_step import OFFICIAL_WIDTH, bench_parser, finish, setup_device  # bench/
 
 
 class RandomText:
@@ -144,10 +142,7 @@ def run_path(args, layers, device, cpu, start, fast) -> dict:
 
 def run_case(args, layers, device, cpu, work) -> dict:
     cfg = make_config(args, layers, cpu, os.path.join(work, f"policy_{layers}"), True)
-    info = init_distributed(str(device), need_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    if not os.path.isdir(cfg.model.pretrained) and info.is_main:
-        write_teacher(cfg.model.pretrained, dict(cfg.model.transformer))
-    barrier(info)
+    info = model_once(cfg.model.pretrained, dict(cfg.model.transformer), device)
     paths = {name: run_path(args, layers, device, cpu, cfg.model.pretrained, fast)
              for name, fast in (("fast", True), ("reference", False))}
     t = cfg.model.transformer
@@ -173,17 +168,11 @@ def main(argv=None) -> int:
     cpu, device, name, measured = found
     if args.dry_run:
         args.steps, args.warmup, args.prompts, args.images, args.sample_steps = 2, 1, 2, 2, 3
-    if args.layers == "auto" and not cpu:
-        free = torch.cuda.mem_get_info(device)[1] / 2 ** 30
-        # Per block (85M parameters): policy fp32 weights + grads + Adam + EMA (20 B/param), old, reference and
-        # the engine's rollout copy in bf16 (6 B) = ~2.2 GB, + checkpointed activations of the update.
-        images = args.prompts * args.images * args.times
-        per_block = 2.2 + 0.4 * images * (args.area // 16) ** 2 / 16384
-        candidates = list(range(min(48, int((free - 8) / per_block)), 0, -2))
-    else:
-        candidates = [int(args.layers)] if args.layers != "auto" else [2]
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
-        case, tried = largest_fit(candidates, lambda layers: run_case(args, layers, device, cpu, work))
+    # Per block (85M parameters): policy fp32 weights + grads + Adam + EMA (20 B/param), old, reference and
+    # the engine's rollout copy in bf16 (6 B) = ~2.2 GB, + checkpointed activations of the update.
+    per_block = 2.2 + 0.4 * args.prompts * args.images * args.times * (args.area // 16) ** 2 / 16384
+    case, tried = largest_case(args, device, cpu, per_block, lambda layers, work: run_case(args, layers, device, cpu,
+                                                                                          work))
     if case is None:
         print(f"every layer count OOMed: {tried}", file=sys.stderr)
         return 1

@@ -3,8 +3,6 @@ model folder, with the narrow-vs-taxonomy ablation; and RL under torchrun (FSDP2
 ranks, the engine's rollout copy gathered from the shards) following one process."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -44,7 +42,7 @@ def test_quick_rl_stage_and_its_narrow_ablation_from_the_exported_model(exported
         stage_main(["--quick", "--policy", exported, "--out", str(out)])
 
 
-def test_two_ranks_under_torchrun_match_one_process(tmp_path):
+def test_two_ranks_under_torchrun_match_one_process(tmp_path, train_metrics):
     """FSDP2 on the policy and the frozen old and reference policies (gloo, CPU), rollouts
     through the engine on a copy gathered from the shards: two ranks follow one process
     that runs the same prompts as two micro-batches."""
@@ -58,22 +56,14 @@ def test_two_ranks_under_torchrun_match_one_process(tmp_path):
                        selected_layer_index=list(DEFAULT_LAYERS))
     randomize_(LensTransformer2DModel(**transformer), 5, std=0.08).save_pretrained(str(tmp_path / "start"))
     prompts = write_prompt_set(str(tmp_path / "set.jsonl"), build_prompt_set(load_taxonomy("toy")))
-    args = ["-m", "lens_fast.train", "--config", "tiny-cpu", "--recipe", "rl", "--pretrained", str(tmp_path / "start"),
+    args = ["--config", "tiny-cpu", "--recipe", "rl", "--pretrained", str(tmp_path / "start"),
             "--no-progress", "--max-steps", "2", "--set", "logging.every=1", "--set", f"rl.prompts={prompts}",
             "--set", "encoders.text_encoder=minilm", "--set", "rl.rewrite=toy", "--set", "rl.rewards={shapeeval: 1}",
             "--set", "rl.prompts_per_step=4", "--set", "rl.images_per_prompt=2", "--set", "rl.height=24",
             "--set", "rl.width=24", "--set", "rl.sample_steps=3", "--set", "rl.frozen_dtype=float32",
             "--set", "rl.rollout_dtype=float32", "--set", "rl.kl_weight=0.1", "--set", "parallel.param_dtype=float32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def run(launcher, *extra, out):
-        proc = subprocess.run([sys.executable, *launcher, *args, *extra, "--out", str(out)], env=env,
-                              capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        with open(out / "metrics.jsonl") as f:
-            return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
-    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], out=tmp_path / "two")
-    one = run([], "--set", "train.grad_accum=2", out=tmp_path / "one")
+    two = train_metrics(args, tmp_path / "two", ranks=2)
+    one = train_metrics(args, tmp_path / "one", "--set", "train.grad_accum=2")
     assert sorted(two) == [1, 2] and two[2]["world"] == 2
     for step, r in one.items():
         for key in ("loss", "reward", "reward_std", "kl", "advantage_abs"):

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..train import Callback
 from . import heldout_prompts
 from .demo import PROMPT_MODES, TAG_ORDER, DemoConfig, _summary, build_config, model_prompts, sample_and_score
 from .distill_stage import _pipeline, diversity, seed_images, side_by_side
@@ -93,14 +94,11 @@ def rl_train_config(demo: DemoConfig, stage: RLStageConfig, policy: str, prompts
     return tc
 
 
-class RewardCurve:
+class RewardCurve(Callback):
     """Trainer callback: the mean reward of every step, overall and per tag."""
 
     def __init__(self, bar):
         self.bar, self.steps = bar, []
-
-    def on_train_start(self, trainer):
-        pass
 
     def on_step_end(self, trainer, step):
         last = trainer.recipe.last
@@ -112,15 +110,6 @@ class RewardCurve:
                            "per_tag": {t: float(np.mean(v)) for t, v in tags.items()}})
         self.bar.update(1)
         self.bar.set_postfix(reward=f"{self.steps[-1]['reward']:.3f}")
-
-    def on_log(self, trainer, record):
-        pass
-
-    def on_checkpoint(self, trainer, path):
-        pass
-
-    def on_train_end(self, trainer, result):
-        pass
 
 
 def train_arm(policy: str, out: str, demo: DemoConfig, stage: RLStageConfig, text_encoder) -> dict:
