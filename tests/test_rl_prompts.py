@@ -126,3 +126,23 @@ def test_train_cli_refuses_a_bad_prompt_set_before_anything_is_written(tmp_path,
     assert len(err) == 3 and "\"rubric\" must be a non-empty list" in err[0] and "does not exist" in err[1]
     assert "set LENS_JUDGE_BASE_URL" in err[2]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_toy_global_rule_wants_no_smudges_and_an_even_background():
+    """Grain on a background meant to be plain broke the rule once RL found that it hid
+    smudges from the segmentation: the rule checks the background's evenness too."""
+    from dataclasses import replace
+
+    from lens_fast.chat_api import user_message
+    from lens_fast.rl.judge import judge_request_text
+    from lens_fast.toy.judge import answer
+
+    record = {"prompt": "a red circle", "rubric": ["there is a red circle"], "global_rule": "clean",
+              "metadata": {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]}}
+    scene = rewrite_scene("a red circle", seed=1)
+    for texture, clean in (("flat", 1.0), ("noise", 0.0), ("gradient", 0.0)):
+        image = render_scene(replace(scene, texture=texture, texture_seed=3), 72, 72)
+        res = ShapeEvalReward().score([image], [record["prompt"]], [record])[0]
+        assert res.items == {"1 red circle": 1.0, "clean": clean}, (texture, res.detail)
+        request = {"messages": [user_message(judge_request_text(record["prompt"], record["rubric"], "clean"), [image])]}
+        assert json.loads(answer(request)) == {"items": [1.0], "global": clean}

@@ -76,8 +76,8 @@ class WeightedReward:
 class ShapeEvalReward:
     """The toy world's reward: ShapeEval's detections checked against each prompt's
     GenEval-style metadata item by item (objects with class, colour and count; exact
-    counts; positions; the background when named) plus a clean-image rule (no rejected
-    regions: smudges, broken or unknown shapes), the toy's global naturalness rule.
+    counts; positions; the background when named) plus the toy's global rule
+    (``shapeeval.clean_image``: no rejected regions, an even background).
     Score: the fraction of items met, or with ``strict`` 1 when all are (GenEval's)."""
 
     name = "shapeeval"
@@ -86,7 +86,7 @@ class ShapeEvalReward:
         self.strict, self.clean_rule = strict, clean_rule
 
     def score(self, images, prompts: Sequence[str], metadata: Sequence[dict]) -> List[RewardResult]:
-        from lens_fast.toy.shapeeval import detect_objects, rubric_checks
+        from lens_fast.toy.shapeeval import clean_image, detect_objects, rubric_checks
 
         out = []
         for image, prompt, record in zip(images, prompts, metadata):
@@ -94,8 +94,7 @@ class ShapeEvalReward:
             objects, info = detect_objects(image)
             checks = rubric_checks(objects, meta, info["background"])
             if self.clean_rule:
-                dropped = info["dropped"]
-                checks.append(("clean", not dropped, dropped[0] if dropped else None))
+                checks.append(("clean", *clean_image(info)))
             items = {name: float(ok) for name, ok, _ in checks}
             values = list(items.values())
             score = float(all(values)) if self.strict else sum(values) / len(values)

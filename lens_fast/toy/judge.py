@@ -7,8 +7,8 @@ ShapeEval's segmentation and answers the JSON the judge expects.
 
 It understands the rubric grammar of ``lens-fast rl-prompts`` ("there is a red circle",
 "there are exactly three squares", "the triangle is to the left of the circle", "the
-background is black"); the global rule is judged as "no rejected regions" (no smudges or
-broken shapes). An item it cannot read scores 0, as a judge that cannot verify it would.
+background is black"); the global rule is judged by ``shapeeval.clean_image`` (no
+smudges or broken shapes, an even background). An item it cannot read scores 0, as a judge that cannot verify it would.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from .captions import NUMBER_WORDS
 from .scene import BACKGROUNDS, CLASSES, COLORS
-from .shapeeval import detect_objects, relation_holds
+from .shapeeval import clean_image, detect_objects, relation_holds
 
 _WORDS = {w: n for n, w in NUMBER_WORDS.items()}
 _CLASS = "|".join(CLASSES)
@@ -61,4 +61,4 @@ def answer(request: dict) -> str:
     items = re.findall(r"^\d+\. (.+)$", text.split("Global rule:")[0], re.M)
     objects, info = detect_objects(images[0])
     return json.dumps({"items": [judge_item(i, objects, info["background"]) for i in items],
-                       "global": float(not info["dropped"])})
+                       "global": float(clean_image(info)[0])})

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class RLStageConfig:
     beta: float = 1.0
     adv_clip: float = 5.0
     kl_weight: float = 0.0
+    old_decay: Tuple[float, float, float] = (0, 0.001, 0.5)  # [flat steps, rate, cap] (train/rl.md)
     ema_decay: float = 0.9
     kinds: Optional[Sequence[str]] = None  # prompt kinds of the taxonomy (None: all)
     seed: int = 0
@@ -88,7 +89,7 @@ def rl_train_config(demo: DemoConfig, stage: RLStageConfig, policy: str, prompts
                     height=demo.eval_sizes[0][1], width=demo.eval_sizes[0][0], sample_steps=stage.sample_steps,
                     guidance=stage.guidance, sample_mu=demo.sample_mu, rollout_batch=64,
                     timesteps_per_sample=stage.timesteps_per_sample, beta=stage.beta, adv_clip=stage.adv_clip,
-                    kl_weight=stage.kl_weight, rollout_dtype="float32", frozen_dtype="float32",
+                    kl_weight=stage.kl_weight, old_decay=list(stage.old_decay), rollout_dtype="float32", frozen_dtype="float32",
                     max_text_tokens=128)
     tc.validate()
     return tc

@@ -62,6 +62,7 @@ RING = 2
 QUIET_RING = 0.6
 CLASS_TOL = 1.0
 POSITION_MARGIN = 0.1
+EVEN_SPREAD = 4.0
 _COLOR_NAMES = tuple(PALETTE)
 _PALETTE = np.array([PALETTE[c] for c in _COLOR_NAMES], dtype=np.float32)
 # Prototype features of the ideal shapes (analytic, checked on 2000 px renders):
@@ -216,7 +217,7 @@ def detect_objects(image: Image.Image) -> tuple[list[dict], dict]:
     px = image.size[0] / w                               # working -> input pixels
     bg, agree, spread = estimate_background(arr)
     info = {"background": [round(float(v), 1) for v in bg],
-            "background_agreement": round(agree, 3), "dropped": []}
+            "background_agreement": round(agree, 3), "background_spread": round(spread, 2), "dropped": []}
     if agree < 0.5:
         info["dropped"].append(f"no uniform background: {agree:.2f} of the border "
                                f"lies within {BG_TOL:.0f} of its median (need >= 0.5)")
@@ -471,6 +472,18 @@ def rubric_checks(objects: list[dict], meta: dict, background=None) -> list[tupl
         items.append((f"{meta['background']} background", ok,
                       None if ok else f"expected a {meta['background']} background, found {named}"))
     return items
+
+
+def clean_image(info: dict) -> tuple[bool, str | None]:
+    """The toy world's global rule: no rejected regions (smudges, broken or unknown shapes)
+    and an even background (its border within EVEN_SPREAD of its median: a plain render is
+    0, the "fine grain" texture 5); (holds, why not) from ``detect_objects``' info."""
+    if info["dropped"]:
+        return False, info["dropped"][0]
+    if info.get("background_spread", 0.0) > EVEN_SPREAD:
+        return False, f"uneven background: its border lies {info['background_spread']:.1f} from its median " \
+                      f"(limit {EVEN_SPREAD})"
+    return True, None
 
 
 def _check(objects: list[dict], meta: dict, background=None) -> str | None:
