@@ -154,7 +154,7 @@ def test_nft_objective_matches_a_plain_reference(start, records, guidance):
     r_ref = 0.5 + 0.5 * np.clip(adv, -cfg.rl.adv_clip, cfg.rl.adv_clip) / cfg.rl.adv_clip
     (rank, batch), = recipe.training_batches(trainer, prompts, x0, grid,
                                              optimality(group_advantages(rewards), cfg.rl.adv_clip))
-    k, t = cfg.rl.images_per_prompt, cfg.rl.timesteps_per_sample
+    t = cfg.rl.timesteps_per_sample
     torch.testing.assert_close(batch.r, torch.from_numpy(np.repeat(r_ref.reshape(-1), t)).float())
     # The training rows: every rollout at t distinct sampler sigmas, fresh noise, keyed by (seed, step, image).
     sigmas, _ = lens_sigmas(cfg.rl.sample_steps, 16)
