@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import List, Optional
 
 from ..cli_checks import OneLineParser, check_output_folder, integer
-from ..errors import run_cli
+from ..errors import InvalidValue, run_cli
 from .demo import __doc__ as DEMO_DOC
 from . import aspect_buckets
 from .demo import BUCKET_RATIOS, CAPTION_MODES, DemoConfig, _markdown, _write, build_config, run
@@ -34,6 +34,9 @@ def _main(argv: List[str]) -> int:
     p.add_argument("--lifecycle", action="store_true", help="pre-train, then distil the exported model into a "
                                                             "4-step Turbo and score both (lens_fast.toy.lifecycle)")
     args = p.parse_args(argv)
+    if args.lifecycle and args.ablation:
+        raise InvalidValue(f"--lifecycle with --ablation {args.ablation}: choose one (the lifecycle pre-trains the "
+                           "default model, then distils it)")
     check_output_folder(args.out, "--out")
     overrides = {"seed": args.seed, "threads": args.threads}
     if args.steps is not None:
