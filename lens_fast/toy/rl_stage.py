@@ -118,14 +118,15 @@ def train_arm(policy: str, out: str, demo: DemoConfig, stage: RLStageConfig, tex
     from ..rl.prompts import build_prompt_set, coverage, load_taxonomy, write_prompt_set
     from ..train import Trainer
     from ..train.data import PixelSpace
-    from ..train.rollout import PromptSource, toy_rewrite
+    from ..train.rollout import PromptSource
+    from .rewrite import layout_rewrite
 
     os.makedirs(out, exist_ok=True)
     taxonomy = load_taxonomy("toy")
     records = build_prompt_set(taxonomy, seed=stage.seed, kinds=stage.kinds)
     prompts = write_prompt_set(os.path.join(out, "prompts.jsonl"), records)
     tc = rl_train_config(demo, stage, policy, prompts)
-    source = PromptSource(records, text_encoder, stage.prompts_per_step, stage.seed, toy_rewrite, 128,
+    source = PromptSource(records, text_encoder, stage.prompts_per_step, stage.seed, layout_rewrite, 128,
                           PixelSpace(demo.pixel_patch))
     with tqdm(total=stage.steps, desc=f"RL {os.path.basename(out)}", unit="step") as bar:
         curve = RewardCurve(bar)
