@@ -54,6 +54,7 @@ class RLStageConfig:
     kinds: Optional[Sequence[str]] = None  # prompt kinds of the taxonomy (None: all)
     seed: int = 0
     eval_per_tag: int = 32  # held-out prompts per tag
+    heldout_seed: Optional[int] = None  # the held-out draw (None: the demo's, seed + 99); tune on another draw
     eval_steps: int = 20  # held-out sampler steps (the demo's)
     diversity_prompts: int = 24
     diversity_seeds: int = 4
@@ -237,7 +238,8 @@ def run_stage(policy: str, out: str, demo: DemoConfig, stage: RLStageConfig, abl
     torch.set_num_threads(stage.threads or max(1, os.cpu_count() or 1))
     text_encoder = text_encoder or MiniLMTextEncoder()
     demo = replace(demo, eval_per_tag=stage.eval_per_tag)
-    prompts = heldout_prompts(stage.eval_per_tag, seed=demo.seed + 99)
+    heldout_seed = demo.seed + 99 if stage.heldout_seed is None else stage.heldout_seed
+    prompts = heldout_prompts(stage.eval_per_tag, seed=heldout_seed)
     before = evaluate(LensTransformer2DModel.from_pretrained(model_folder(policy, "--rl")), text_encoder, prompts,
                       demo, stage)
     arms_cfg = {"taxonomy": stage}
