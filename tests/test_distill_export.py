@@ -145,6 +145,7 @@ def test_resuming_with_another_teacher_is_refused_and_the_run_is_left_alone(tmp_
     (["--set", "distill.fake_update=3"], "unknown key distill.fake_update"),
     (["--set", "distill.schedule=shared"], "distill.schedule='shared': expected hybrid or coupled"),
     (["--recipe", "reflow"], f"recipe='reflow': expected one of {list(RECIPES)}"),
+    (["--recipe", "rl"], "distill.teacher='T' is set but the recipe is rl"),
     (["--recipe", "pretrain"], "distill.teacher='T' is set but the recipe is pretrain"),
 ])
 def test_unknown_or_misplaced_recipe_options_are_refused(tmp_path, capsys, args, expected):
