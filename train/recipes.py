@@ -6,9 +6,10 @@ from __future__ import annotations
 from lens_fast.errors import InvalidValue
 
 from .distill import DistillRecipe
+from .lora import LoraRecipe
 from .recipe import PretrainRecipe, Recipe
 
-RECIPE_CLASSES = {"pretrain": PretrainRecipe, "distill": DistillRecipe}
+RECIPE_CLASSES = {"pretrain": PretrainRecipe, "distill": DistillRecipe, "lora": LoraRecipe}
 
 
 def make_recipe(name: str) -> Recipe:
