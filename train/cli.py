@@ -9,6 +9,8 @@ CPU, or under ``torchrun`` on many GPUs and nodes.
         --out runs/turbo                     # a 4-step, CFG-free Turbo of /ckpt/Lens (runs/turbo/export)
     lens-fast train --config lora --pretrained /ckpt/Lens --rank 16 --targets attn,mlp \
         --data "/data/style-{000..009}.tar" --out runs/style   # runs/style/export/lora (diffusers layout)
+    lens-fast rl-prompts --taxonomy taxonomy.yaml --out set.jsonl
+    lens-fast train --config rl --pretrained /ckpt/Lens --set rl.prompts=set.jsonl --out runs/rl   # DiffusionNFT
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Train or fine-tune Lens.", allow_abbrev=False)
     p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
     p.add_argument("--recipe", help=f"what to train (config key recipe): {', '.join(RECIPES)} (pretrain also "
-                                    "fine-tunes; distill makes a Turbo of --teacher; lora trains adapters on "
-                                    "--pretrained)")
+                                    "fine-tunes; distill makes a Turbo of --teacher; rl post-trains --pretrained "
+                                    "on rl.prompts; lora trains adapters on --pretrained)")
     p.add_argument("--teacher", help="recipe distill: the Lens checkpoint folder to distil (distill.teacher)")
     p.add_argument("--rank", type=integer(1, 4096), help="recipe lora: the adapters' rank (lora.rank)")
     p.add_argument("--alpha", type=number(0, 1e6, lo_open=True), help="recipe lora: LoRA alpha, scale alpha/rank "
