@@ -243,11 +243,15 @@ def test_the_fast_path_runs_the_adapters_and_follows_weights_and_swaps(tmp_path)
     enable_fast_path(fast, compile=False)
     base = _sample(fast)
     everything = lambda n: not n.startswith("txt_norm")  # noqa: E731 - includes the modulation linears
-    folder_a = _save(tmp_path, _random_lora(eager.transformer, everything, seed=5, std=0.05), "a")
+    lora_a = _random_lora(eager.transformer, everything, seed=5, std=0.05)
+    folder_a = _save(tmp_path, lora_a, "a")
     folder_b = _save(tmp_path, _random_lora(eager.transformer, everything, seed=7, std=0.05), "b")
     for pipe in (eager, fast):
         pipe.load_lora_weights(folder_a, adapter_name="style", scale=0.8)
     with_lora = _sample(fast)
+    merged = _pipe()  # the expected delta: W + 0.8 * alpha / r * B A in the weights, run eagerly
+    merged.transformer = _merged(merged.transformer, (lora_a, 0.8))
+    assert (with_lora - _sample(merged)).abs().max() < 1e-4
     assert (with_lora - _sample(eager)).abs().max() < 1e-4
     assert (with_lora - base).abs().max() > 1e-2
     for pipe in (eager, fast):
