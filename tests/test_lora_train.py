@@ -116,3 +116,20 @@ def test_a_lora_run_without_a_base_is_refused(tmp_path, capsys):
     code = cli_main(["train", "--config", "tiny-cpu", "--recipe", "lora", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--pretrained" in err and len(err.splitlines()) == 1, err
+
+
+def test_two_ranks_with_fsdp2_match_one_process_and_export_the_same_adapters(base, tmp_path, train_metrics):
+    from safetensors.torch import load_file
+
+    args = ["--config", "tiny-cpu", "--recipe", "lora", "--pretrained", base, "--rank", "4", "--targets", "attn",
+            "--max-steps", "3", "--lr", "1e-2", "--set", "logging.progress_bar=false", "--set", "ema.enabled=false",
+            "--set", "lora.base_dtype=float32"]
+    two = train_metrics(args, tmp_path / "two", ranks=2)
+    one = train_metrics(args, tmp_path / "one", "--set", "train.grad_accum=2")
+    assert sorted(two) == [1, 2, 3] and two[3]["world"] == 2
+    for step, r in one.items():
+        assert two[step]["loss"] == pytest.approx(r["loss"], rel=1e-4), step
+    a, b = (load_file(str(tmp_path / run / "export" / "lora" / LORA_WEIGHT_NAME)) for run in ("one", "two"))
+    assert a.keys() == b.keys() and len(a) == 2 * 2 * 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
