@@ -16,7 +16,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from lens_fast.errors import InvalidValue
 from lens_fast.lora.formats import save_file
@@ -24,18 +23,11 @@ from lens_fast.lora.trainable import LoraSpec, resolve_targets, trained_modules
 from lens_fast.models.transformer import LensTransformer2DModel
 
 from .build import folder_fingerprint, model_folder
+from .distill import _broadcast
 from .parallel import dtype_of
 from .recipe import Recipe
 
 SETTINGS = ("rank", "alpha", "targets")
-
-
-def _broadcast(value, main: bool):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value if main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
 
 
 class LoraRecipe(Recipe):

@@ -239,13 +239,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--teacher", required=True, help="a demo run folder (report.json and transformer/)")
     p.add_argument("--out", required=True, help="a new folder for the report, grid and LoRA run")
     p.add_argument("--steps", type=int, help="LoRA training steps (default 300)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    p.add_argument("--n-samples", type=int, help="training samples (default 1200)")
+    p.add_argument("--new-fraction", type=float, help="share of samples with one object recoloured (default 0.5)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     args = p.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
         raise InvalidValue(f"--out {args.out} is not empty; give a new folder")
     stage = LoraStageConfig(**(QUICK if args.quick else {}))
-    if args.steps:
-        stage = replace(stage, steps=args.steps)
+    given = {k: getattr(args, k) for k in ("steps", "lr", "n_samples", "new_fraction") if getattr(args, k) is not None}
+    stage = replace(stage, **given)
     report = run_stage(args.teacher, args.out, stage)
     print(markdown(report))
     return 0
