@@ -47,8 +47,8 @@ NEW_TAGS = ("colors", "color_attr")
 @dataclass
 class LoraStageConfig:
     color: str = "cyan"  # a colour of scene.UNSEEN_PALETTE
-    n_samples: int = 1200
-    new_fraction: float = 0.5  # share of training scenes with one object recoloured
+    n_samples: int = 3000
+    new_fraction: float = 0.35  # share of training scenes with one object recoloured
     rank: int = 8
     targets: Sequence[str] = ("attn", "mlp")
     steps: int = 300
@@ -240,8 +240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", required=True, help="a new folder for the report, grid and LoRA run")
     p.add_argument("--steps", type=int, help="LoRA training steps (default 300)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    p.add_argument("--n-samples", type=int, help="training samples (default 1200)")
-    p.add_argument("--new-fraction", type=float, help="share of samples with one object recoloured (default 0.5)")
+    p.add_argument("--n-samples", type=int, help="training samples (default 3000)")
+    p.add_argument("--new-fraction", type=float, help="share of samples with one object recoloured (default 0.35)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     args = p.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
