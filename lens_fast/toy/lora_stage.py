@@ -4,7 +4,7 @@ The demo model (``lens-fast demo``, exported as a diffusers transformer folder) 
 on six palette colours; ``scene.UNSEEN_PALETTE`` adds cyan, which the world can draw and
 ShapeEval can see but sampling never drew. This stage trains LoRA adapters with the
 trainer's ``lora`` recipe (frozen base, adapters only) on a small set where one object of
-half the scenes is recoloured cyan (the other half keeps the old colours, against
+a third of the scenes is recoloured cyan (the rest keep the old colours, against
 forgetting), captioned in the demo's layout style, then loads the exported file with the
 library's loader (what ``LensPipeline.load_lora_weights`` runs) and scores, on several
 sampling seeds:
