@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 LATEST_VENV ?= .venv-latest
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= triton,demo,test,curate,ray
+EXTRAS ?= triton,demo,test,curate,ray,lora
 CONSTRAINTS := $(CURDIR)/constraints.txt
 DEMO_ARGS ?=
 PYTEST_ARGS ?=

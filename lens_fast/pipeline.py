@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import engine as fast_path
 from .images import OUTPUT_TYPES, decoded_to_output
 from .errors import InvalidValue, MissingFile
+from .lora import LoraLoaderMixin
 from .models.config import read_json
 from .models.loading import check_component_files, resolve_dtype
 from .models.transformer import LensTransformer2DModel
@@ -94,13 +95,15 @@ def _align(pos: List[torch.Tensor], pos_mask: torch.Tensor, neg: List[torch.Tens
     return (*pad(pos, pos_mask), *pad(neg, neg_mask))
 
 
-class LensPipeline:
+class LensPipeline(LoraLoaderMixin):
     """Text-to-image with Lens. Build with :meth:`from_pretrained` or from components.
 
     ``engine``: the inference engine (``lens_fast.engine.LensEngine``) once
     ``enable_fast_path`` switched it on; ``denoise`` and ``postprocess`` hand over to it.
     ``text_encoding``: the prompt cache / text-encoder offload (``lens_fast.engine.text``)
-    in front of the text encoder, used by ``_encode``. None is the reference path."""
+    in front of the text encoder, used by ``_encode``. None is the reference path.
+    LoRA adapters: ``load_lora_weights`` and the rest of diffusers' LoRA methods
+    (``lens_fast.lora.LoraLoaderMixin``)."""
 
     def __init__(self, transformer: LensTransformer2DModel, vae, text_encoder=None, scheduler_config=None,
                  variant: str = "lens", reasoner=None):

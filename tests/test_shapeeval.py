@@ -264,3 +264,19 @@ def test_scoring_speed_48px():
     score_set(images, metas)
     per_image_ms = (time.perf_counter() - start) / len(images) * 1e3
     assert per_image_ms < 25.0, f"{per_image_ms:.1f} ms per 48x48 image (measured ~2)"
+
+
+@pytest.mark.parametrize("background", sorted(BACKGROUNDS))
+def test_the_unseen_colour_is_drawn_and_scored_but_never_sampled(background):
+    from lens_fast.toy.lora_stage import recolour
+    from lens_fast.toy.scene import UNSEEN_PALETTE
+
+    rng = np.random.default_rng(4)
+    assert not set(UNSEEN_PALETTE) & {o.color for _ in range(200) for o in sample_scene(rng).objects}
+    scenes = [recolour(replace(sample_scene(rng, tag), background=background), rng, "cyan")
+              for tag in ("colors", "color_attr") for _ in range(8)]
+    images = [render_scene(s, 48, 48, color_jitter=25, rng=rng) for s in scenes]
+    _assert_accepts(score_set(images, [metadata(s) for s in scenes]))
+    wrong = [metadata(replace(s, objects=tuple(replace(o, color="blue" if o.color == "cyan" else o.color)
+                                                for o in s.objects))) for s in scenes]
+    assert score_set(images, wrong)["overall"] == 0.0  # a cyan shape is not a blue one

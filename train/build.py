@@ -30,11 +30,13 @@ from .parallel import (apply_activation_checkpointing, apply_compile, apply_fsdp
 
 def build_model(model_config: dict, parallel, device, fsdp: bool, *, folder: Optional[str] = None,
                 seed: int = 0, model: Optional[LensTransformer2DModel] = None, trainable: bool = True,
-                dtype: torch.dtype = torch.float32) -> LensTransformer2DModel:
+                dtype: torch.dtype = torch.float32, adapters=None) -> LensTransformer2DModel:
     """A model ready to run: ``model`` taken over as given, or built on the meta device
     and filled from ``folder`` (a diffusers transformer folder) or the init rule for
     ``seed``. ``parallel`` is the config's ParallelConfig. ``trainable=False`` gives a
     frozen model stored in ``dtype`` (requires_grad off, eval mode, no checkpointing).
+    ``adapters`` (a ``lens_fast.lora.trainable.LoraSpec``): a frozen base with trainable
+    LoRA adapters, added before FSDP2 shards the model and initialised by the spec.
     Options such as ``mask_every_block`` come with ``model_config`` (or the model given)."""
     built = model is None
     if built:
@@ -46,6 +48,10 @@ def build_model(model_config: dict, parallel, device, fsdp: bool, *, folder: Opt
         model.eval()
     elif not built:
         model.to(device=device, dtype=torch.float32)
+    if adapters is not None:
+        adapters.attach(model)
+        if not built:
+            adapters.initialize(model)
     if trainable:
         model.train()
         apply_activation_checkpointing(model, parallel.activation_checkpointing, parallel.ac_every)
@@ -55,11 +61,19 @@ def build_model(model_config: dict, parallel, device, fsdp: bool, *, folder: Opt
         compute = dtype_of(parallel.param_dtype) if trainable else dtype
         apply_fsdp(model, compute, dtype_of(parallel.reduce_dtype), parallel.reshard_after_forward)
     if built:
-        value = pretrained_values(folder) if folder else (lambda name, shape: init_rule(name, shape, seed))
+        base = pretrained_values(folder) if folder else (lambda name, shape: init_rule(name, shape, seed))
+        value = base if adapters is None else (
+            lambda name, shape: _first(adapters.initial_value(name, shape), base, name, shape))
         materialize(model, value, device)
+        if adapters is not None:
+            adapters.finish(model)
     elif not trainable:
         model.to(device=device)
     return model
+
+
+def _first(value: Optional[torch.Tensor], fallback, name: str, shape) -> torch.Tensor:
+    return value if value is not None else fallback(name, shape)
 
 
 def model_folder(path: str, what: str) -> str:

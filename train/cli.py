@@ -7,6 +7,8 @@ CPU, or under ``torchrun`` on many GPUs and nodes.
     lens-fast train --config tiny-cpu --out /tmp/tiny --max-steps 20
     lens-fast train --config distill --teacher /ckpt/Lens --data "/data/shard-{000000..000099}.tar" \
         --out runs/turbo                     # a 4-step, CFG-free Turbo of /ckpt/Lens (runs/turbo/export)
+    lens-fast train --config lora --pretrained /ckpt/Lens --rank 16 --targets attn,mlp \
+        --data "/data/style-{000..009}.tar" --out runs/style   # runs/style/export/lora (diffusers layout)
     lens-fast rl-prompts --taxonomy taxonomy.yaml --out set.jsonl
     lens-fast train --config rl --pretrained /ckpt/Lens --set rl.prompts=set.jsonl --out runs/rl   # DiffusionNFT
 """
@@ -32,8 +34,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
     p.add_argument("--recipe", help=f"what to train (config key recipe): {', '.join(RECIPES)} (pretrain also "
                                     "fine-tunes; distill makes a Turbo of --teacher; rl post-trains --pretrained "
-                                    "on rl.prompts)")
+                                    "on rl.prompts; lora trains adapters on --pretrained)")
     p.add_argument("--teacher", help="recipe distill: the Lens checkpoint folder to distil (distill.teacher)")
+    p.add_argument("--rank", type=integer(1, 4096), help="recipe lora: the adapters' rank (lora.rank)")
+    p.add_argument("--alpha", type=number(0, 1e6, lo_open=True), help="recipe lora: LoRA alpha, scale alpha/rank "
+                                                                      "(lora.alpha; default: the rank)")
+    p.add_argument("--targets", help="recipe lora: comma-separated module patterns or presets attn, mlp, mod, all "
+                                     "(lora.targets; default attn,mlp)")
     p.add_argument("--out", help="run folder (default runs/<config name>); refused if it holds another "
                                  "run's files, unless --resume")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
@@ -82,6 +89,12 @@ def resolve_config(args):
         cfg.model.pretrained = args.pretrained
     if args.teacher:
         cfg.distill.teacher = args.teacher
+    if args.rank is not None:
+        cfg.lora.rank = args.rank
+    if args.alpha is not None:
+        cfg.lora.alpha = args.alpha
+    if args.targets is not None:
+        cfg.lora.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     cfg.validate()
     return cfg
 

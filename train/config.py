@@ -176,16 +176,28 @@ class RLConfig:
     max_text_tokens: int = 512
 
 
+@dataclass
+class LoraSection:
+    """Recipe ``lora``: LoRA adapters on the frozen base ``model.pretrained``, saved in
+    diffusers' layout (``DIR/export/lora/pytorch_lora_weights.safetensors``)."""
+
+    rank: int = 16
+    alpha: Optional[float] = None  # None: the rank (scale 1)
+    # fnmatch patterns over official module names, or presets: attn, mlp, mod, all (lens_fast.lora.trainable)
+    targets: List[str] = field(default_factory=lambda: ["attn", "mlp"])
+    base_dtype: str = "bfloat16"  # the frozen base's storage dtype
+
+
 SECTIONS = dict(model=ModelConfig, optim=OptimConfig, train=TrainSection, loss=LossConfig, data=DataConfig,
                 encoders=EncoderConfig, parallel=ParallelConfig, ema=EMAConfig, checkpoint=CheckpointConfig,
-                logging=LoggingConfig, distill=DistillConfig, rl=RLConfig)
-RECIPES = ("pretrain", "distill", "rl")  # implemented in lens_fast.train.recipe / .distill / .rl
+                logging=LoggingConfig, distill=DistillConfig, rl=RLConfig, lora=LoraSection)
+RECIPES = ("pretrain", "distill", "rl", "lora")  # lens_fast.train.recipe / .distill / .rl / .lora
 
 
 @dataclass
 class TrainConfig:
     name: str = "custom"
-    recipe: str = "pretrain"  # what the run trains: pretrain (also fine-tuning), distill or rl
+    recipe: str = "pretrain"  # what the run trains: pretrain (also fine-tuning), distill, rl or lora
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
@@ -198,6 +210,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -300,6 +313,7 @@ class TrainConfig:
     def _validate_recipe(self) -> None:
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe={self.recipe!r}: expected one of {list(RECIPES)}")
+        self._validate_lora()
         d = self.distill
         if self.recipe == "rl":
             self._validate_rl()
@@ -355,6 +369,19 @@ class TrainConfig:
         for key in ("rollout_dtype", "frozen_dtype"):
             if getattr(r, key) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"rl.{key}={getattr(r, key)!r}: expected float32, bfloat16 or float16")
+
+    def _validate_lora(self) -> None:
+        lo = self.lora
+        _positive(lo.rank, "lora.rank", strict=True, integer=True)
+        if lo.alpha is not None:
+            _positive(lo.alpha, "lora.alpha", strict=True)
+        if isinstance(lo.targets, str):
+            lo.targets = [t.strip() for t in lo.targets.split(",") if t.strip()]
+        if not isinstance(lo.targets, list) or not lo.targets or not all(isinstance(t, str) and t for t in lo.targets):
+            raise ConfigError(f"lora.targets={lo.targets!r}: expected a list of module patterns or presets "
+                              "(attn, mlp, mod, all)")
+        if lo.base_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"lora.base_dtype={lo.base_dtype!r}: expected float32, bfloat16 or float16")
 
     def _validate_data(self) -> None:
         d = self.data
@@ -483,6 +510,20 @@ def distill() -> TrainConfig:
     cfg.train.max_steps = 4_000
     cfg.ema.decay = 0.99
     cfg.checkpoint.every = 250
+    return cfg
+
+
+@register("lora")
+def lora() -> TrainConfig:
+    """LoRA adapters (rank 16 on the attention and MLP projections) on the frozen base
+    --pretrained FOLDER: stage-2 buckets, lr 1e-4 after a 100-step warm-up, 2,000 steps, no
+    EMA; writes DIR/export/lora/pytorch_lora_weights.safetensors (diffusers' layout)."""
+    cfg = stage2()
+    cfg.name, cfg.recipe = "lora", "lora"
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-4, 100
+    cfg.train.max_steps = 2_000
+    cfg.ema.enabled = False
+    cfg.checkpoint.every = 500
     return cfg
 
 

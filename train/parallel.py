@@ -206,19 +206,25 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     return total
 
 
+def trained_parameters(model: nn.Module) -> list:
+    """The parameters training updates (a LoRA run's base is frozen: requires_grad off)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class EMA:
-    """Exponential moving average of the weights, in float32, with the parameters'
-    own sharding (DTensors under FSDP), updated with foreach ops on the local shards."""
+    """Exponential moving average of the trained weights (``trained_parameters``), in
+    float32, with the parameters' own sharding (DTensors under FSDP), updated with foreach
+    ops on the local shards."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, _ in model.named_parameters()]
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         with torch.no_grad():
-            self.shadow = [p.detach().clone().float() for p in model.parameters()]
+            self.shadow = [p.detach().clone().float() for p in trained_parameters(model)]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        params = [local(p.detach()) for p in model.parameters()]
+        params = [local(p.detach()) for p in trained_parameters(model)]
         torch._foreach_lerp_([local(s) for s in self.shadow], params, 1.0 - self.decay)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
@@ -227,7 +233,7 @@ class EMA:
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module):
         """Run with the EMA weights in ``model`` (each rank swaps its own shards)."""
-        params = list(model.parameters())
+        params = trained_parameters(model)
 
         def swap():
             with torch.no_grad():

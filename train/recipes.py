@@ -6,10 +6,11 @@ from __future__ import annotations
 from lens_fast.errors import InvalidValue
 
 from .distill import DistillRecipe
+from .lora import LoraRecipe
 from .recipe import PretrainRecipe, Recipe
 from .rl import RLRecipe
 
-RECIPE_CLASSES = {"pretrain": PretrainRecipe, "distill": DistillRecipe, "rl": RLRecipe}
+RECIPE_CLASSES = {"pretrain": PretrainRecipe, "distill": DistillRecipe, "rl": RLRecipe, "lora": LoraRecipe}
 
 
 def make_recipe(name: str) -> Recipe:

@@ -43,6 +43,13 @@ from .sample import sample_tokens, save_grid
 log = logging.getLogger(__name__)
 
 
+def _state_options(part: Part) -> StateDictOptions:
+    """Checkpoints hold the trained parameters: a frozen base (a LoRA run's) is rebuilt
+    from its folder, like a frozen part."""
+    frozen = any(not p.requires_grad for p in part.model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
 class Callback:
     """Hooks into a run; override any of them."""
 
@@ -185,12 +192,14 @@ class Trainer:
 
     # -- construction (called by the recipe's build) ----------------------------------------
     def build(self, model: Optional[LensTransformer2DModel] = None, folder: Optional[str] = None,
-              trainable: bool = True, dtype: str = "float32") -> LensTransformer2DModel:
+              trainable: bool = True, dtype: str = "float32", adapters=None) -> LensTransformer2DModel:
         """A model of this run's config through the one build path (``train/build.py``):
         ``model`` taken over, or built on meta, sharded and loaded from ``folder`` (or
-        the init rule); ``trainable=False``: frozen, stored in ``dtype``."""
+        the init rule); ``trainable=False``: frozen, stored in ``dtype``; ``adapters``: a
+        frozen base with trainable LoRA adapters (``lens_fast.lora.trainable.LoraSpec``)."""
         return build_model(self.model_config, self.cfg.parallel, self.device, self.fsdp, folder=folder,
-                           seed=self.cfg.train.seed, model=model, trainable=trainable, dtype=dtype_of(dtype))
+                           seed=self.cfg.train.seed, model=model, trainable=trainable, dtype=dtype_of(dtype),
+                           adapters=adapters)
 
     def add_part(self, name: str, model: LensTransformer2DModel, trainable: bool = True, ema: bool = False,
                  lr_scale: float = 1.0, stateful: bool = False) -> Part:
@@ -378,7 +387,7 @@ class Trainer:
                     state[part.model_key] = get_model_state_dict(part.model)
                     trained.append((part, state[part.model_key], None))
                 continue
-            model_sd, optim_sd = get_state_dict(part.model, part.optimizer)
+            model_sd, optim_sd = get_state_dict(part.model, part.optimizer, options=_state_options(part))
             state[part.model_key], state[part.optim_key] = model_sd, {"state": optim_sd["state"]}
             if part.primary:
                 state["step"] = torch.tensor(self.step)
@@ -435,7 +444,7 @@ class Trainer:
             raise InvalidValue(f"{path} was written with {rank_state.get('data_world')} data ranks (ranks x "
                              f"grad_accum); this run has {self.data_world}: the data positions do not carry over")
         for part, model_sd, optim_sd in trained:
-            set_model_state_dict(part.model, model_sd)
+            set_model_state_dict(part.model, model_sd, options=_state_options(part))
             if optim_sd is not None:
                 set_optimizer_state_dict(part.model, part.optimizer, optim_sd, options=StateDictOptions(strict=False))
         self.step = int(state["step"])
@@ -464,8 +473,10 @@ class Trainer:
                 self._reshard_all()
 
     def full_state_dict(self, ema: bool = True) -> Dict[str, torch.Tensor]:
-        """Whole float32 CPU weights (collective under FSDP; every rank gets them)."""
-        src = self.ema.state_dict() if (ema and self.ema is not None) else dict(self.model.named_parameters())
+        """Whole float32 CPU weights of the trained parameters (all of them but a LoRA run's
+        frozen base; collective under FSDP; every rank gets them)."""
+        src = self.ema.state_dict() if (ema and self.ema is not None) else {
+            k: p for k, p in self.model.named_parameters() if p.requires_grad}
         return {k: full_tensor(v.detach()).to("cpu", torch.float32, copy=True) for k, v in src.items()}
 
     def ema_model(self) -> LensTransformer2DModel:

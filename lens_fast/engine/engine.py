@@ -103,10 +103,16 @@ class LensEngine:
         return self._tables[key]
 
     def clear(self) -> None:
-        """Drop cached tables, buffers and graphs (needed after changing the weights)."""
+        """Drop cached tables, buffers and graphs (needed after replacing weight tensors or
+        modules; in-place weight updates need only ``clear_tables``)."""
         self._tables.clear()
         self._runners.clear()
         self._graph_pool = GraphPool()
+
+    def clear_tables(self) -> None:
+        """Drop the per-schedule tables (the modulations, computed from the weights of the
+        modulation linears): needed after those weights changed in place."""
+        self._tables.clear()
 
     def _runner(self, grid, batch: int, cfg: bool, txt_len: int, latent_dtype, prefix: bool) -> _Runner:
         """``prefix``: the reference mask is a per-row prefix (passed as lengths, no mask)."""

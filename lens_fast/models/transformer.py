@@ -209,6 +209,7 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         self.norm_out = AdaLayerNormContinuous(dim, 1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
         self.gradient_checkpointing = False
+        self._layout_hooks: List[Callable] = []
 
     @property
     def mask_every_block(self) -> bool:
@@ -253,10 +254,24 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         + the fused ``swiglu`` kernel). Explicit and idempotent; ``state_dict()``,
         ``save_pretrained`` and ``load_state_dict`` keep the official w1/w3 keys. Training
         keeps w1/w3 separate: do not call it on a model that FSDP2 will shard."""
-        for module in self.modules():
-            if isinstance(module, GateMLP):
-                module.fuse()
+        unfused = [m for m in self.modules() if isinstance(m, GateMLP) and not m.fused]
+        for module in unfused:
+            module.fuse()
+        if unfused:
+            self.layout_changed()
         return self
+
+    def register_layout_hook(self, hook: Callable[["LensTransformer2DModel"], None]) -> None:
+        """``hook(model)`` runs whenever modules of this model are replaced (``fuse_projections``,
+        FP8 quantisation), so that state kept per module (LoRA adapters, ``lens_fast.lora``) can
+        follow. Registering a hook twice is a no-op."""
+        if hook not in self._layout_hooks:
+            self._layout_hooks.append(hook)
+
+    def layout_changed(self) -> None:
+        """Run the layout hooks (called by whatever replaced modules)."""
+        for hook in list(self._layout_hooks):
+            hook(self)
 
     # -- the pieces of the forward, public for the engine --------------------------------
     def embed_text(self, encoder_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -209,6 +209,9 @@ def apply_quantization(model_or_pipeline, mode: str, *, layer_filter: LayerFilte
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), layer_backend, fast_accum))
         result.fused_blocks = install_fused_producers(model)
+    layout_changed = getattr(model, "layout_changed", None)
+    if callable(layout_changed):
+        layout_changed()  # per-module state (LoRA adapters) moves onto the new layers
     if resolved == "emulate":
         log.info("FP8 on %s is emulated (quantise -> dequantise in float32 with the same scales): FP8 numbers, "
                  "no speed-up", device)

@@ -28,6 +28,11 @@ PALETTE = {
     "orange": (245, 135, 25),
 }
 COLORS = tuple(PALETTE)
+# Colours the world can draw and ShapeEval can see but that sampling never draws: the demo
+# model never meets them, so teaching one is a new concept (lens_fast.toy.lora_stage).
+# Cyan is >= 122 from every palette colour and >= 175 from every background.
+UNSEEN_PALETTE = {"cyan": (30, 200, 200)}
+ALL_PALETTE = {**PALETTE, **UNSEEN_PALETTE}
 # Every background is >= 110 away from every object colour in RGB.
 BACKGROUNDS = {
     "white": (255, 255, 255),
@@ -68,7 +73,7 @@ class ShapeObject:
 
     def __post_init__(self):
         _check_choice("shape", self.shape, CLASSES)
-        _check_choice("color", self.color, COLORS)
+        _check_choice("color", self.color, ALL_PALETTE)
         _check_choice("size", self.size, SIZES)
         _check_choice("row", self.row, range(GRID))
         _check_choice("col", self.col, range(GRID))
@@ -289,7 +294,7 @@ def render_scene(scene: Scene | dict, width: int, height: int, background=None,
     if color_jitter and rng is None:
         rng = np.random.default_rng(scene.texture_seed)
     for obj in scene.objects:
-        rgb = PALETTE[obj.color]
+        rgb = ALL_PALETTE[obj.color]
         if color_jitter:
             shift = rng.integers(-color_jitter, color_jitter + 1, size=3)
             rgb = tuple(int(np.clip(v + s, 0, 255)) for v, s in zip(rgb, shift))

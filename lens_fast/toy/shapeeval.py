@@ -44,7 +44,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .scene import BACKGROUNDS, PALETTE, TAGS
+from .scene import ALL_PALETTE, BACKGROUNDS, TAGS
 
 WORK_SIDE = 128
 BG_TOL = 40.0
@@ -63,8 +63,8 @@ QUIET_RING = 0.6
 CLASS_TOL = 1.0
 POSITION_MARGIN = 0.1
 EVEN_SPREAD = 4.0
-_COLOR_NAMES = tuple(PALETTE)
-_PALETTE = np.array([PALETTE[c] for c in _COLOR_NAMES], dtype=np.float32)
+_COLOR_NAMES = tuple(ALL_PALETTE)  # the sampled palette and the unseen colours (scene.UNSEEN_PALETTE)
+_PALETTE = np.array([ALL_PALETTE[c] for c in _COLOR_NAMES], dtype=np.float32)
 # Prototype features of the ideal shapes (analytic, checked on 2000 px renders):
 # (|third cumulant| / area^1.5 along x or y, (diagonal - axis) fourth cumulant / area^2).
 # Both are unchanged by a Gaussian blur of the shape, and by its scale.
