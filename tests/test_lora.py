@@ -3,7 +3,6 @@ diffusers' own loader are the references), every path applies them (eager, fused
 FP8, the engine, compiled with a hot-swap that does not recompile), fuse/unfuse is bit
 exact, and a refused file changes nothing."""
 import copy
-import os
 
 import pytest
 import torch

@@ -65,7 +65,8 @@ else:
     from lens_fast.resolutions import bucket_size
 
     from .buckets import Bucket, BucketTable
-    from .config import REGISTRY, ConfigError, TrainConfig, load_config
+    from .config import ConfigError, TrainConfig
+    from .presets import REGISTRY, load_config
     from .data import (Batch, BucketData, EncodedSource, InMemorySource, PixelSpace, RawBatch, SyntheticSource,
                        load_cache, save_cache)
     from .loss import flow_matching_loss, logit_normal_mu

@@ -28,7 +28,8 @@ PROG = "lens-fast train"
 
 
 def build_parser() -> OneLineParser:
-    from .config import RECIPES, REGISTRY
+    from .config import RECIPES
+    from .presets import REGISTRY
 
     p = OneLineParser(prog=PROG, description="Train or fine-tune Lens.", allow_abbrev=False)
     p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
@@ -63,7 +64,7 @@ def build_parser() -> OneLineParser:
 
 
 def resolve_config(args):
-    from .config import load_config
+    from .presets import load_config
 
     if not args.config:
         raise InvalidValue("--config is required: a registered config name or a YAML file")
@@ -102,7 +103,7 @@ def resolve_config(args):
 def run(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.list_configs:
-        from .config import REGISTRY
+        from .presets import REGISTRY
 
         for name, fn in sorted(REGISTRY.items()):
             print(f"{name:10s} {(fn.__doc__ or '').strip().splitlines()[0]}")

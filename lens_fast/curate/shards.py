@@ -31,7 +31,7 @@ EXTENSIONS = {"jpg": "jpg", "png": "png", "webp": "webp"}
 
 def bucket_table(name_or_file: str) -> BucketTable:
     """The bucket table of a train config (registered name or YAML)."""
-    from lens_fast.train.config import load_config
+    from lens_fast.train.presets import load_config
 
     return BucketTable.from_config(load_config(name_or_file).data)
 
