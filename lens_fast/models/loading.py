@@ -220,7 +220,10 @@ def _fill_folder(target: str, tmp: str, write_fn, overwrite: bool, stale_prefix:
             if n.startswith(stale_prefix) and n not in names and os.path.isfile(os.path.join(target, n)):
                 os.remove(os.path.join(target, n))
     for n in names:
-        os.replace(os.path.join(tmp, n), os.path.join(target, n))
+        dst = os.path.join(target, n)
+        if os.path.isdir(dst) and not os.path.islink(dst):  # a component folder being replaced
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, n), dst)
 
 
 class ModelLoadingMixin:
