@@ -91,7 +91,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"lens_fast": ["py.typed"], "lens_fast.reasoner": ["default_system_prompt.txt"],
+    package_data={"lens_fast": ["py.typed", "toy/*.yaml"], "lens_fast.reasoner": ["default_system_prompt.txt"],
                   "lens_fast.curate": ["caption_prompt.txt", "STAGES.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

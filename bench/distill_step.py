@@ -61,12 +61,32 @@ def make_config(args, layers, cpu, teacher_root):
     return cfg
 
 
+def model_once(folder: str, model_config: dict, device):
+    """Join the process group (under torchrun) and write ``folder`` once, on the main rank;
+    returns the group's DistInfo."""
+    info = init_distributed(str(device), need_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    if not os.path.isdir(folder) and info.is_main:
+        write_teacher(folder, model_config)
+    barrier(info)
+    return info
+
+
+def largest_case(args, device, cpu, per_block_gb: float, run):
+    """``run(layers, work)`` at the largest layer count that fits one card (``--layers
+    auto``: from ``per_block_gb`` per block and 8 GB of headroom downwards), checkpoints in a
+    temporary folder under ``--work``: (the case or None, the counts that ran out of memory)."""
+    if args.layers == "auto" and not cpu:
+        free = torch.cuda.mem_get_info(device)[1] / 2 ** 30
+        candidates = list(range(min(48, int((free - 8) / per_block_gb)), 0, -2))
+    else:
+        candidates = [int(args.layers)] if args.layers != "auto" else [2]
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        return largest_fit(candidates, lambda layers: run(layers, work))
+
+
 def run_case(args, layers, device, cpu, work):
     cfg = make_config(args, layers, cpu, os.path.join(work, f"teacher_{layers}"))
-    info = init_distributed(str(device), need_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    if not os.path.isdir(cfg.distill.teacher) and info.is_main:
-        write_teacher(cfg.distill.teacher, dict(cfg.model.transformer))
-    barrier(info)
+    info = model_once(cfg.distill.teacher, dict(cfg.model.transformer), device)
     forwards = DistillRecipe().forwards(cfg)
     case = timed_run(cfg, args, device, cpu, forwards)
     for old, new in (("median_ms", "update_ms_median"), ("p20_ms", "update_ms_p20"), ("p80_ms", "update_ms_p80"),
@@ -87,16 +107,11 @@ def main(argv=None) -> int:
     cpu, device, name, measured = found
     if args.dry_run:
         args.steps, args.warmup, args.fake_updates = 2, 2, 2
-    if args.layers == "auto" and not cpu:
-        free = torch.cuda.mem_get_info(device)[1] / 2 ** 30
-        # Per block (85M parameters): student fp32 weights + grads + Adam + EMA (20 B/param), fake (16 B),
-        # teacher bf16 (2 B) = ~3.2 GB, + ~0.4 GB of checkpointed activations at 16K image tokens.
-        per_block = 3.2 + 0.4 * args.batch * (args.area // 16) ** 2 / 16384
-        candidates = list(range(min(48, int((free - 8) / per_block)), 0, -2))
-    else:
-        candidates = [int(args.layers)] if args.layers != "auto" else [2]
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
-        case, tried = largest_fit(candidates, lambda layers: run_case(args, layers, device, cpu, work))
+    # Per block (85M parameters): student fp32 weights + grads + Adam + EMA (20 B/param), fake (16 B),
+    # teacher bf16 (2 B) = ~3.2 GB, + ~0.4 GB of checkpointed activations at 16K image tokens.
+    per_block = 3.2 + 0.4 * args.batch * (args.area // 16) ** 2 / 16384
+    case, tried = largest_case(args, device, cpu, per_block,
+                               lambda layers, work: run_case(args, layers, device, cpu, work))
     if case is None:
         print(f"every layer count OOMed: {tried}", file=sys.stderr)
         return 1

@@ -64,6 +64,7 @@ class _State:
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.generation = 0  # bumped by reset: requests still running from before it are not counted after it
         self.bodies: List[dict] = []
 
 
@@ -108,7 +109,8 @@ def _make_handler_class(state: _State):
             if self.path == "/_control/reset":
                 with state.lock:
                     state.faults.clear()
-                    state.requests = state.max_in_flight = 0
+                    state.requests = state.max_in_flight = state.in_flight = 0
+                    state.generation += 1
                     state.bodies.clear()
                 return self._send(200, {})
             if self.path != "/v1/chat/completions":
@@ -119,12 +121,14 @@ def _make_handler_class(state: _State):
                 state.requests += 1
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
+                generation = state.generation
                 fault = state.faults.pop(0) if state.faults else {}
             try:
                 self._answer(raw, fault)
             finally:
                 with state.lock:
-                    state.in_flight -= 1
+                    if generation == state.generation:
+                        state.in_flight -= 1
 
         def _answer(self, raw: bytes, fault: dict):
             try:

@@ -1,4 +1,4 @@
-"""The ``lens-fast`` command: ``generate``, ``train`` and ``demo``.
+"""The ``lens-fast`` command: ``generate``, ``train``, ``demo`` and ``rl-prompts``.
 
 Errors a user can cause (bad values, missing or corrupt files, outputs that cannot be
 written) are found before any model loads, print one line to stderr and exit with
@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "demo": ("lens_fast.toy.demo_cli", "train and score a miniature Lens on this CPU"),
     "search-system-prompt": ("lens_fast.reasoner.search_cli", "tune the reasoner's system prompt (training-free)"),
     "curate": ("lens_fast.curate.cli", "filter, deduplicate and caption images into training shards"),
+    "rl-prompts": ("lens_fast.rl.prompts", "build a taxonomy-driven RL prompt set with rubrics; report its coverage"),
 }
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 SIZE_MULTIPLE = 16  # Lens: the VAE's 8x times the 2x2 patch

@@ -47,3 +47,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def train_metrics():
+    """``run(args, out, *extra, ranks=1)``: ``python -m lens_fast.train ARGS EXTRA --out OUT``
+    in a subprocess (under torchrun with ``ranks`` > 1, gloo on CPU); its logged records by step."""
+    import json
+    import subprocess
+    import sys
+
+    def run(args, out, *extra, ranks=1):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks > 1 else []
+        proc = subprocess.run([sys.executable, *launcher, "-m", "lens_fast.train", *args, *extra, "--out", str(out)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+    return run

@@ -155,6 +155,22 @@ def test_concurrency_is_bounded_and_order_kept(server):
     assert 1 <= server.stats()["max_in_flight"] <= 2
 
 
+def test_requests_left_running_before_a_reset_do_not_count_after_it(server):
+    """A handler still sleeping from an earlier test (its client gave up) must not inflate
+    the next test's in-flight count: reset starts a fresh count."""
+    import threading
+    server.add_faults({"delay_s": 1.5})
+    slow = threading.Thread(target=lambda: pytest.raises(ChatError, ask, client(server, timeout_s=0.2, max_retries=0)))
+    slow.start()
+    slow.join()
+    assert server.stats()["requests"] == 1  # the server is still sleeping on it
+    server.reset()
+    server.add_faults(*[{"delay_s": 0.2}] * 4)
+    client(server, max_concurrency=1).complete_many([{"messages": [user_message(f"n{i}")]} for i in range(4)])
+    assert server.stats()["max_in_flight"] == 1
+    time.sleep(1.5)  # let the abandoned request finish before the next test
+
+
 def test_request_rate_limit_holds_a_lower_bound(server):
     c = client(server, requests_per_minute=60, max_concurrency=4)  # a burst of 60, then 1 per second
     t0 = time.monotonic()

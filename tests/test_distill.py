@@ -217,27 +217,13 @@ def test_a_recipe_brings_its_models_update_and_metrics_and_the_loop_checkpoints_
     trainer.close()
 
 
-def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(teacher, tmp_path):
+def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(teacher, tmp_path, train_metrics):
     """FSDP2 on both trained models and the frozen teacher (gloo, CPU): every rank draws
     the same schedule step, so the sharded run follows the one-process run."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    args = ["-m", "lens_fast.train", "--config", "tiny-cpu", "--recipe", "distill", "--teacher", teacher,
-            "--no-progress", "--max-steps", "3", "--set", "distill.fake_updates=1", "--set", "logging.every=1",
-            "--set", "distill.teacher_dtype=float32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def run(launcher, *extra, out):
-        proc = subprocess.run([sys.executable, *launcher, *args, *extra, "--out", str(out)], env=env,
-                              capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        with open(out / "metrics.jsonl") as f:
-            return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
-    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], out=tmp_path / "two")
-    one = run([], "--set", "train.grad_accum=2", out=tmp_path / "one")
+    args = ["--config", "tiny-cpu", "--recipe", "distill", "--teacher", teacher, "--no-progress", "--max-steps", "3",
+            "--set", "distill.fake_updates=1", "--set", "logging.every=1", "--set", "distill.teacher_dtype=float32"]
+    two = train_metrics(args, tmp_path / "two", ranks=2)
+    one = train_metrics(args, tmp_path / "one", "--set", "train.grad_accum=2")
     assert sorted(two) == [1, 2, 3] and two[3]["world"] == 2
     for step, r in one.items():
         for key in ("loss", "fake_loss", "dm_size", "ca_size"):

@@ -81,9 +81,13 @@ def tiny_teacher(folder, seed, **overrides):
 
 
 def snapshot(folder):
+    """Every file's bytes, but the run lock's (it names the last process that opened the
+    folder, a refused one included)."""
     out = {}
     for here, _, files in os.walk(folder):
         for name in files:
+            if name == ".lock":
+                continue
             with open(os.path.join(here, name), "rb") as f:
                 out[os.path.relpath(os.path.join(here, name), folder)] = f.read()
     return out

@@ -7,6 +7,8 @@ CPU, or under ``torchrun`` on many GPUs and nodes.
     lens-fast train --config tiny-cpu --out /tmp/tiny --max-steps 20
     lens-fast train --config distill --teacher /ckpt/Lens --data "/data/shard-{000000..000099}.tar" \
         --out runs/turbo                     # a 4-step, CFG-free Turbo of /ckpt/Lens (runs/turbo/export)
+    lens-fast rl-prompts --taxonomy taxonomy.yaml --out set.jsonl
+    lens-fast train --config rl --pretrained /ckpt/Lens --set rl.prompts=set.jsonl --out runs/rl   # DiffusionNFT
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def build_parser() -> OneLineParser:
 
     p = OneLineParser(prog=PROG, description="Train or fine-tune Lens.", allow_abbrev=False)
     p.add_argument("--config", help=f"a registered config ({', '.join(sorted(REGISTRY))}) or a YAML file")
-    p.add_argument("--recipe", help=f"what to train (config key recipe): {' or '.join(RECIPES)} (pretrain also "
-                                    "fine-tunes; distill makes a Turbo of --teacher)")
+    p.add_argument("--recipe", help=f"what to train (config key recipe): {', '.join(RECIPES)} (pretrain also "
+                                    "fine-tunes; distill makes a Turbo of --teacher; rl post-trains --pretrained "
+                                    "on rl.prompts)")
     p.add_argument("--teacher", help="recipe distill: the Lens checkpoint folder to distil (distill.teacher)")
     p.add_argument("--out", help="run folder (default runs/<config name>); refused if it holds another "
                                  "run's files, unless --resume")

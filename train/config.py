@@ -145,16 +145,47 @@ class DistillConfig:
     teacher_dtype: str = "bfloat16"  # the frozen teacher's storage and compute dtype
 
 
+@dataclass
+class RLConfig:
+    """Recipe ``rl`` (``train/rl.md``): online RL with DiffusionNFT from the policy in
+    ``model.pretrained``, on a prompt set (``lens-fast rl-prompts``) scored by rewards."""
+
+    prompts: Optional[str] = None  # the prompt set (JSONL written by lens-fast rl-prompts)
+    rewards: Dict[str, float] = field(default_factory=lambda: {"judge": 1.0})  # name -> weight: judge, shapeeval
+    judge_env: str = "LENS_JUDGE"  # the judge endpoint: {judge_env}_BASE_URL, _MODEL, _API_KEY
+    judge_options: Dict[str, Any] = field(default_factory=dict)  # ChatEndpoint settings: timeout_s, max_retries...
+    rewrite: Optional[str] = None  # prompt rewriter before the text encoder: None or "toy" (the toy world's)
+    prompts_per_step: int = 16  # G: prompts (groups) per step, over all ranks
+    images_per_prompt: int = 8  # K: rollouts per prompt, normalised within the group
+    height: int = 1024
+    width: int = 1024
+    sample_steps: int = 10  # the rollout sampler's steps (Lens's schedule); its sigmas are the training times
+    guidance: float = 1.0  # 1: CFG-free (DiffusionNFT); else the policy is the norm-rescaled CFG sampler
+    sample_mu: Optional[float] = None  # the schedule's shift (None: the reference's empirical mu)
+    fast_rollouts: bool = True  # roll out through the inference engine on an unsharded copy of the old policy
+    rollout_batch: int = 16  # images per sampler call
+    rollout_dtype: str = "bfloat16"  # the fast path's copy
+    timesteps_per_sample: int = 2  # training times per rollout image, drawn from the sampler's sigmas
+    beta: float = 1.0  # DiffusionNFT's beta: how far the implicit policies sit from the old one
+    adv_clip: float = 5.0  # advantages clipped to +-adv_clip, then mapped to r in [0, 1]
+    global_std: bool = True  # normalise by the batch's std (else each group's own)
+    adaptive_weight: bool = True  # x0-space error over its detached mean magnitude
+    kl_weight: float = 1e-4  # ||v_theta - v_ref||^2 to the frozen start policy (0: no reference model)
+    old_decay: List[float] = field(default_factory=lambda: [0, 0.001, 0.5])  # [flat steps, rate, cap]
+    frozen_dtype: str = "bfloat16"  # the old and reference policies' storage dtype
+    max_text_tokens: int = 512
+
+
 SECTIONS = dict(model=ModelConfig, optim=OptimConfig, train=TrainSection, loss=LossConfig, data=DataConfig,
                 encoders=EncoderConfig, parallel=ParallelConfig, ema=EMAConfig, checkpoint=CheckpointConfig,
-                logging=LoggingConfig, distill=DistillConfig)
-RECIPES = ("pretrain", "distill")  # implemented in lens_fast.train.recipe / .distill
+                logging=LoggingConfig, distill=DistillConfig, rl=RLConfig)
+RECIPES = ("pretrain", "distill", "rl")  # implemented in lens_fast.train.recipe / .distill / .rl
 
 
 @dataclass
 class TrainConfig:
     name: str = "custom"
-    recipe: str = "pretrain"  # what the run trains: pretrain (also fine-tuning) or distill
+    recipe: str = "pretrain"  # what the run trains: pretrain (also fine-tuning), distill or rl
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
@@ -166,6 +197,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,6 +301,8 @@ class TrainConfig:
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe={self.recipe!r}: expected one of {list(RECIPES)}")
         d = self.distill
+        if self.recipe == "rl":
+            self._validate_rl()
         if self.recipe != "distill":
             if d.teacher is not None:
                 raise ConfigError(f"distill.teacher={d.teacher!r} is set but the recipe is {self.recipe}; "
@@ -289,6 +323,35 @@ class TrainConfig:
             raise ConfigError(f"distill.sigma_range={r!r}: expected [low, high] with 0 < low < high < 1")
         if d.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"distill.teacher_dtype={d.teacher_dtype!r}: expected float32, bfloat16 or float16")
+
+    def _validate_rl(self) -> None:
+        r = self.rl
+        for key in ("prompts_per_step", "images_per_prompt", "height", "width", "sample_steps", "rollout_batch",
+                    "timesteps_per_sample", "max_text_tokens"):
+            _positive(getattr(r, key), f"rl.{key}", strict=True, integer=True)
+        if r.images_per_prompt < 2:
+            raise ConfigError(f"rl.images_per_prompt={r.images_per_prompt}: expected >= 2 (rewards are normalised "
+                              "within each prompt's group)")
+        if r.timesteps_per_sample > r.sample_steps:
+            raise ConfigError(f"rl.timesteps_per_sample={r.timesteps_per_sample} exceeds rl.sample_steps="
+                              f"{r.sample_steps}: the training times are distinct sigmas of the sampler")
+        for key in ("guidance", "beta", "adv_clip"):
+            _positive(getattr(r, key), f"rl.{key}", strict=True)
+        _positive(r.kl_weight, "rl.kl_weight")
+        if not isinstance(r.rewards, dict) or not r.rewards or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in r.rewards.values()):
+            raise ConfigError(f"rl.rewards={r.rewards!r}: expected a mapping of reward names to positive weights, "
+                              "e.g. {judge: 1.0} or {shapeeval: 1.0}")
+        flat_rate_cap = r.old_decay
+        if (not isinstance(flat_rate_cap, (list, tuple)) or len(flat_rate_cap) != 3
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in flat_rate_cap)
+                or not flat_rate_cap[2] < 1):
+            raise ConfigError(f"rl.old_decay={flat_rate_cap!r}: expected [flat steps, rate, cap] >= 0 with cap < 1")
+        if r.rewrite not in (None, "toy"):
+            raise ConfigError(f"rl.rewrite={r.rewrite!r}: expected null or toy")
+        for key in ("rollout_dtype", "frozen_dtype"):
+            if getattr(r, key) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"rl.{key}={getattr(r, key)!r}: expected float32, bfloat16 or float16")
 
     def _validate_data(self) -> None:
         d = self.data
@@ -417,6 +480,20 @@ def distill() -> TrainConfig:
     cfg.train.max_steps = 4_000
     cfg.ema.decay = 0.99
     cfg.checkpoint.every = 250
+    return cfg
+
+
+@register("rl")
+def rl() -> TrainConfig:
+    """Online RL (DiffusionNFT) of --pretrained FOLDER on rl.prompts scored by the rubric
+    judge (LENS_JUDGE_BASE_URL / _MODEL / _API_KEY): 16 prompts x 8 rollouts per step at
+    1024^2, 10 CFG-free sampler steps, lr 3e-6 constant, EMA 0.9 (DiffusionNFT's settings
+    scaled to a full fine-tune; not yet measured at Lens scale)."""
+    cfg = TrainConfig(name="rl", recipe="rl")
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = 3e-6, 0, 1e-4
+    cfg.train.max_steps = 1_000
+    cfg.ema.decay = 0.9
+    cfg.checkpoint.every = 50
     return cfg
 
 

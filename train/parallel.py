@@ -176,6 +176,17 @@ def apply_fsdp(model: LensTransformer2DModel, param_dtype: torch.dtype, reduce_d
     fully_shard(model, mp_policy=mp_root, reshard_after_forward=False)
 
 
+def reshard(model: nn.Module) -> None:
+    """Drop FSDP2's gathered copies of ``model``'s parameters (a no-grad forward leaves
+    modules that do not reshard after forward gathered), so that its parameters are the
+    local shards again: before a weight swap or a shard-wise update. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 

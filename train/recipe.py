@@ -10,6 +10,7 @@ sample grids and export. A recipe brings the rest:
   record kept in ``run.json`` (``check_resume`` compares a resumed run against it);
 - ``build``: its models, through ``Trainer.add_part`` (trained: optimiser, optional
   EMA) and ``Trainer.build`` (the one meta -> FSDP2 -> load path, trained or frozen);
+- ``data_source``: the run's DataSource when none is given (default: ``data`` section);
 - ``update``: one training step (any number of optimiser updates) returning its
   metrics (``loss`` at least; ``*grad_norm`` metrics are logged as computed, the
   others averaged over ranks);
@@ -17,7 +18,8 @@ sample grids and export. A recipe brings the rest:
 - ``sample_settings`` and ``export``: how the trained model samples and is saved.
 
 ``PretrainRecipe`` is pre-training and fine-tuning (the flow-matching loss);
-``lens_fast.train.distill.DistillRecipe`` is Decoupled-DMD distillation.
+``lens_fast.train.distill.DistillRecipe`` is Decoupled-DMD distillation;
+``lens_fast.train.rl.RLRecipe`` is online RL (DiffusionNFT).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch.nn as nn
 
 from lens_fast.errors import InvalidValue
 from . import checkpoint as ckpt
-from .builders import pretrained_folder
+from .builders import build_data_source, pretrained_folder
 from .loss import flow_matching_loss
 from .parallel import EMA
 
@@ -40,7 +42,8 @@ class Part:
     """One model of a run. The primary part (the model that is sampled and exported) is
     checkpointed under the keys ``model`` / ``optim`` / ``ema``, the others under
     ``<name>`` / ``<name>_optim``; frozen parts (no optimiser) are rebuilt from their
-    folder and never checkpointed."""
+    folder and never checkpointed, unless ``stateful`` (a part without optimiser whose
+    weights the recipe changes itself, such as RL's old policy: saved under ``<name>``)."""
 
     name: str
     model: nn.Module
@@ -48,6 +51,7 @@ class Part:
     ema: Optional[EMA] = None
     primary: bool = False
     lr_scale: float = 1.0  # the part's learning rate = lr_scale x the schedule's
+    stateful: bool = False
 
     @property
     def params(self) -> List[torch.nn.Parameter]:
@@ -81,6 +85,9 @@ class Recipe:
 
     def build(self, trainer, model: Optional[nn.Module], folder: Optional[str]) -> None:
         trainer.add_part("model", trainer.build(model=model, folder=folder), ema=trainer.cfg.ema.enabled)
+
+    def data_source(self, trainer):
+        return build_data_source(trainer.cfg, trainer.model_config, trainer.device)
 
     def update(self, trainer) -> Dict[str, torch.Tensor]:
         loss, norm, _ = trainer.optimize(trainer.parts["model"], trainer.compute_loss, trainer.micro_batches())

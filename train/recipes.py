@@ -7,8 +7,9 @@ from lens_fast.errors import InvalidValue
 
 from .distill import DistillRecipe
 from .recipe import PretrainRecipe, Recipe
+from .rl import RLRecipe
 
-RECIPE_CLASSES = {"pretrain": PretrainRecipe, "distill": DistillRecipe}
+RECIPE_CLASSES = {"pretrain": PretrainRecipe, "distill": DistillRecipe, "rl": RLRecipe}
 
 
 def make_recipe(name: str) -> Recipe:

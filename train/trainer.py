@@ -19,8 +19,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from lens_fast.atomic import write_text
 from lens_fast.errors import InvalidValue, RunFolderBusy, StorageError, UserError
@@ -29,11 +29,12 @@ from lens_fast.models.transformer import LensTransformer2DModel
 
 from . import checkpoint as ckpt
 from .build import build_model
-from .builders import build_data_source, check_inputs
+from .builders import check_inputs
 from .config import TrainConfig
 from .data import Batch, PixelSpace
 from .metrics import MetricsLogger, Throughput, device_name, peak_memory_gb
-from .parallel import EMA, all_ranks_ok, barrier, clip_grad_norm, dtype_of, full_tensor, init_distributed
+from .parallel import (EMA, all_ranks_ok, barrier, clip_grad_norm, dtype_of, full_tensor, init_distributed,
+                       reshard)
 from .recipe import Part, Recipe
 from .recipes import make_recipe
 from .run_dir import RunLock, open_run_dir, tidy_for_resume
@@ -124,6 +125,7 @@ class Trainer:
         else:
             self.model_config = dict(LensTransformerConfig.from_dict(cfg.model.transformer))
         self.run_dir = os.path.abspath(out_dir) if out_dir else None
+        self.data = data  # None: the recipe's data_source, once its models are built
         record = self.recipe.prepare(self)
         fresh = self._open_run_dir(resume, record) if self.run_dir else True
 
@@ -132,7 +134,8 @@ class Trainer:
         primary = next(p for p in self.parts.values() if p.primary)
         self.model, self.optimizer, self.ema = primary.model, primary.optimizer, primary.ema
         self.params = primary.params
-        self.data = data if data is not None else build_data_source(cfg, self.model_config, self.device)
+        if self.data is None:
+            self.data = self.recipe.data_source(self)
         self.decoder = decoder or getattr(self.data, "image_encoder", None) or (
             PixelSpace(cfg.encoders.pixel_patch) if cfg.encoders.vae == "pixel" else None)
         self.callbacks = list(callbacks)
@@ -190,10 +193,11 @@ class Trainer:
                            seed=self.cfg.train.seed, model=model, trainable=trainable, dtype=dtype_of(dtype))
 
     def add_part(self, name: str, model: LensTransformer2DModel, trainable: bool = True, ema: bool = False,
-                 lr_scale: float = 1.0) -> Part:
+                 lr_scale: float = 1.0, stateful: bool = False) -> Part:
         """Register a model of the run; a trainable one gets AdamW (``optim`` section,
         learning rate ``lr_scale`` x the schedule's) and, with ``ema``, the EMA. The
-        first part added is the primary one (sampled, exported, checkpointed as model)."""
+        first part added is the primary one (sampled, exported, checkpointed as model).
+        ``stateful``: a part without optimiser whose weights the recipe changes (checkpointed)."""
         if name in self.parts:
             raise InvalidValue(f"part {name!r} is already registered")
         optimizer = None
@@ -205,7 +209,7 @@ class Trainer:
                                           weight_decay=o.weight_decay, fused=True if cuda else None,
                                           foreach=None if cuda else True)
         part = Part(name, model, optimizer, EMA(model, self.cfg.ema.decay) if ema else None,
-                    primary=not self.parts, lr_scale=lr_scale)
+                    primary=not self.parts, lr_scale=lr_scale, stateful=stateful and optimizer is None)
         self.parts[name] = part
         return part
 
@@ -361,14 +365,18 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _app_state(self) -> Tuple[Dict, List[Tuple[Part, Dict, Dict]]]:
-        """The DCP state of every trained part (frozen parts are rebuilt from their
-        folder), the step and the EMA; and (part, model_sd, optim_sd) per trained part.
-        Tensors only (safetensors): an optimizer's moments, not its hyper-parameters, which
-        a resumed run takes from its config."""
+        """The DCP state of every trained part and stateful frozen part (other frozen
+        parts are rebuilt from their folder), the step and the EMA; and (part, model_sd,
+        optim_sd) per trained part (optim_sd None for a stateful frozen one). Tensors only
+        (safetensors): an optimizer's moments, not its hyper-parameters, which a resumed
+        run takes from its config."""
         state: Dict = {}
         trained = []
         for part in self.parts.values():
             if part.optimizer is None:
+                if part.stateful:
+                    state[part.model_key] = get_model_state_dict(part.model)
+                    trained.append((part, state[part.model_key], None))
                 continue
             model_sd, optim_sd = get_state_dict(part.model, part.optimizer)
             state[part.model_key], state[part.optim_key] = model_sd, {"state": optim_sd["state"]}
@@ -419,15 +427,17 @@ class Trainer:
         # discarded, as in the reference) have no optimizer state in the checkpoint.
         saved = ckpt.saved_keys(path)
         for part, _, optim_sd in trained:
-            optim_sd["state"] = state[part.optim_key]["state"] = {
-                k: v for k, v in optim_sd["state"].items() if f"{part.optim_key}.state.{k}.exp_avg" in saved}
+            if optim_sd is not None:
+                optim_sd["state"] = state[part.optim_key]["state"] = {
+                    k: v for k, v in optim_sd["state"].items() if f"{part.optim_key}.state.{k}.exp_avg" in saved}
         rank_state = ckpt.load_checkpoint(path, state, self.dist.rank)
         if rank_state.get("data_world") != self.data_world:
             raise InvalidValue(f"{path} was written with {rank_state.get('data_world')} data ranks (ranks x "
                              f"grad_accum); this run has {self.data_world}: the data positions do not carry over")
         for part, model_sd, optim_sd in trained:
             set_model_state_dict(part.model, model_sd)
-            set_optimizer_state_dict(part.model, part.optimizer, optim_sd, options=StateDictOptions(strict=False))
+            if optim_sd is not None:
+                set_optimizer_state_dict(part.model, part.optimizer, optim_sd, options=StateDictOptions(strict=False))
         self.step = int(state["step"])
         self.skipped_total = int(rank_state.get("skipped_total", 0))
         ckpt.set_rng_state(rank_state["rng"])
@@ -438,11 +448,7 @@ class Trainer:
         """Drop FSDP's gathered copies (a no-grad forward leaves the last block's
         gathered): a weight swap must be seen by the next all-gather."""
         if self.fsdp:
-            from torch.distributed.fsdp import FSDPModule
-
-            for m in self.model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+            reshard(self.model)
 
     @contextlib.contextmanager
     def ema_weights(self):

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import List, Optional
 
 from ..cli_checks import OneLineParser, check_output_folder, integer
-from ..errors import run_cli
+from ..errors import InvalidValue, run_cli
 from .demo import __doc__ as DEMO_DOC
 from . import aspect_buckets
 from .demo import BUCKET_RATIOS, CAPTION_MODES, DemoConfig, _markdown, _write, build_config, run
@@ -26,7 +26,9 @@ def _main(argv: List[str]) -> int:
     p = OneLineParser(prog="lens-fast demo", description=DEMO_DOC.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="~2 minute version (CI)")
     p.add_argument("--out", default="demo_out", help="output folder (must be new or empty)")
-    p.add_argument("--ablation", choices=["captions", "resolution"], help="equal-compute ablation")
+    p.add_argument("--ablation", choices=["captions", "resolution", "narrow"], help="equal-compute ablation (narrow: "
+                   "with --rl, RL on single objects only against the taxonomy set)")
+    p.add_argument("--rl", metavar="FOLDER", help="the RL stage (lens_fast.toy.rl_stage) on the demo's exported model")
     p.add_argument("--seed", type=integer(0, 2 ** 31 - 1), default=0)
     p.add_argument("--steps", type=integer(1, 10 ** 6), help="training steps (default 1800; 120 with --quick)")
     p.add_argument("--threads", type=integer(1, 1024), default=DemoConfig.threads,
@@ -34,6 +36,8 @@ def _main(argv: List[str]) -> int:
     p.add_argument("--lifecycle", action="store_true", help="pre-train, then distil the exported model into a "
                                                             "4-step Turbo and score both (lens_fast.toy.lifecycle)")
     args = p.parse_args(argv)
+    if args.ablation == "narrow" and not args.rl:
+        raise InvalidValue("--ablation narrow compares two RL prompt sets: give --rl FOLDER (a demo model folder)")
     check_output_folder(args.out, "--out")
     overrides = {"seed": args.seed, "threads": args.threads}
     if args.steps is not None:
@@ -44,7 +48,11 @@ def _main(argv: List[str]) -> int:
         # Every arm trains the same number of optimiser steps on the same batch size; each
         # arm's wall time is in its report.
         arm = replace(cfg, steps=cfg.ablation_steps, warmup=min(cfg.warmup, cfg.ablation_steps // 4))
-    if args.lifecycle:
+    if args.rl:
+        from .rl_stage import run_stage, stage_config
+        run_stage(args.rl, args.out, cfg, stage_config(args.quick, seed=args.seed), args.ablation == "narrow",
+                  text_encoder)
+    elif args.lifecycle:
         from .lifecycle import run_lifecycle
         run_lifecycle(cfg, args.out, args.quick, text_encoder=text_encoder)
     elif args.ablation == "captions":

@@ -30,6 +30,7 @@ _CLASS_RE = "|".join(CLASSES)
 _NOUN = re.compile(rf"^(?:(a|an|{'|'.join(_WORD_NUMBERS)}) )?(?:({_COLOR_RE}) )?({_CLASS_RE})(s?)$")
 _RELATION = re.compile(r"^(.+?) (" + "|".join(sorted(map(re.escape, _PHRASE_RELATION), key=len, reverse=True))
                        + r") (.+)$")
+_SETTING = re.compile(r"^(.+?),? on an? (" + "|".join(map(re.escape, BACKGROUNDS)) + r") background$")
 
 
 def _noun(text: str, prompt: str) -> tuple[int, str | None, str]:
@@ -48,12 +49,18 @@ def _noun(text: str, prompt: str) -> tuple[int, str | None, str]:
 
 def parse_prompt(prompt: str) -> dict:
     """What a brief prompt states: {"objects": [(count, colour or None, class), ...],
-    "relation": None or (relation, i, j) meaning objects[i] is `relation` of objects[j]}.
-    Accepts the grammar of `brief_caption`, e.g. "a circle", "three red squares",
-    "a red circle and a blue square", "a triangle to the left of a yellow circle"."""
+    "relation": None or (relation, i, j) meaning objects[i] is `relation` of objects[j]}
+    and "background" when it names one. Accepts the grammar of
+    `brief_caption`, e.g. "a circle", "three red squares", "a red circle and a blue
+    square", "a triangle to the left of a yellow circle", optionally followed by
+    ", on a black background" (the RL prompt sets name backgrounds that way)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt={prompt!r}: expected a non-empty string")
     text = " ".join(prompt.lower().replace(".", " ").split())
+    setting = _SETTING.match(text)
+    if setting is not None:
+        spec = parse_prompt(setting.group(1))
+        return {**spec, "background": setting.group(2)}
     rel = _RELATION.match(text)
     if rel is not None:
         a, phrase, b = rel.groups()
@@ -83,8 +90,8 @@ def rewrite_scene(prompt: str, seed: int | np.random.Generator = 0, backgrounds=
                   sizes=tuple(SIZES)) -> Scene:
     """One scene that satisfies `prompt`, everything the prompt leaves open drawn from
     `seed` (an int or a numpy Generator): unnamed colours, grid cells, sizes (from
-    `sizes`) and the background (from `backgrounds`, plain). Raises ValueError for a
-    prompt outside the toy grammar or one that needs more than the grid's 9 cells."""
+    `sizes`) and the background (from `backgrounds`, plain) unless the prompt names it.
+    Raises ValueError for a prompt outside the toy grammar or one that needs more than the grid's 9 cells."""
     bad = [v for v in sizes if v not in SIZES] + [v for v in backgrounds if v not in BACKGROUNDS]
     if bad or not sizes or not backgrounds:
         raise ValueError(f"sizes={tuple(sizes)!r}, backgrounds={tuple(backgrounds)!r}: expected non-empty "
@@ -108,6 +115,7 @@ def rewrite_scene(prompt: str, seed: int | np.random.Generator = 0, backgrounds=
         size = tuple(sizes)[int(rng.integers(len(sizes)))]
         objects.append(ShapeObject(shape, color, size, row, col))
     background = backgrounds[int(rng.integers(len(backgrounds)))]
+    background = spec.get("background", background)
     tag = "position" if relation else "single_object"
     return Scene(tag=tag, objects=tuple(objects), background=background, texture="flat", relation=relation)
 

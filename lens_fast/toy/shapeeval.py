@@ -44,7 +44,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .scene import PALETTE, TAGS
+from .scene import BACKGROUNDS, PALETTE, TAGS
 
 WORK_SIDE = 128
 BG_TOL = 40.0
@@ -62,6 +62,7 @@ RING = 2
 QUIET_RING = 0.6
 CLASS_TOL = 1.0
 POSITION_MARGIN = 0.1
+EVEN_SPREAD = 4.0
 _COLOR_NAMES = tuple(PALETTE)
 _PALETTE = np.array([PALETTE[c] for c in _COLOR_NAMES], dtype=np.float32)
 # Prototype features of the ideal shapes (analytic, checked on 2000 px renders):
@@ -216,7 +217,7 @@ def detect_objects(image: Image.Image) -> tuple[list[dict], dict]:
     px = image.size[0] / w                               # working -> input pixels
     bg, agree, spread = estimate_background(arr)
     info = {"background": [round(float(v), 1) for v in bg],
-            "background_agreement": round(agree, 3), "dropped": []}
+            "background_agreement": round(agree, 3), "background_spread": round(spread, 2), "dropped": []}
     if agree < 0.5:
         info["dropped"].append(f"no uniform background: {agree:.2f} of the border "
                                f"lies within {BG_TOL:.0f} of its median (need >= 0.5)")
@@ -418,43 +419,76 @@ def _name(req: dict, count: int | None = None) -> str:
     return f"{n} {color}{req['class']}{'' if n == 1 else 's'}"
 
 
-def _check(objects: list[dict], meta: dict) -> str | None:
-    """None when the detections satisfy the metadata, else the first reason they fail."""
+def rubric_checks(objects: list[dict], meta: dict, background=None) -> list[tuple[str, bool, str | None]]:
+    """Every requirement of GenEval-style metadata, in order: (item, satisfied, why not).
+    Items: each include entry (at least `count` of its class and colour; exactly
+    `count` for the counting tag), each exclude entry, each position, and the
+    background when the metadata names one (``background``: the detected RGB)."""
     tag = meta.get("tag")
     include = meta.get("include")
     if not include:
         raise ValueError(f"metadata has no 'include' entries: {meta!r}")
-    matched = []
     for req in include:
         if "class" not in req:
             raise ValueError(f"include entry without a 'class': {req!r}")
+        if req.get("position") and not 0 <= int(req["position"][1]) < len(include):
+            raise ValueError(f"position {req['position']!r} refers to include[{req['position'][1]}], "
+                             f"but there are {len(include)} entries")
+    items, matched = [], []
+    for req in include:
         count = int(req.get("count", 1))
         same_class = [o for o in objects if o["class"] == req["class"]]
         found = [o for o in same_class if not req.get("color") or o["color"] == req["color"]]
+        name, why = _name(req), None
         if len(found) < count:
             seen = sorted(o["color"] for o in same_class)
             extra = f" ({req['class']} colours seen: {', '.join(seen)})" if seen and req.get("color") else ""
-            return f"expected {_name(req)}, found {len(found)}{extra}"
-        if tag == "counting" and len(same_class) != count:
-            return f"expected exactly {_name(req)}, found {len(same_class)}"
+            why = f"expected {_name(req)}, found {len(found)}{extra}"
+        elif tag == "counting" and len(same_class) != count:
+            name, why = f"exactly {name}", f"expected exactly {_name(req)}, found {len(same_class)}"
+        items.append((name, why is None, why))
         matched.append(found)
+    exact = {req["class"] for req in include} if tag == "counting" else set()
     for req in meta.get("exclude", []):
+        if req["class"] in exact:  # implied by the exact count above (GenEval's counting exclude)
+            continue
         n = sum(o["class"] == req["class"] for o in objects)
-        if n >= int(req["count"]):
-            return f"expected fewer than {_name(req)}, found {n}"
+        ok = n < int(req["count"])
+        items.append((f"fewer than {_name(req)}", ok, None if ok else f"expected fewer than {_name(req)}, found {n}"))
     for i, req in enumerate(include):
         if not req.get("position"):
             continue
         relation, j = req["position"]
-        if not 0 <= int(j) < len(include):
-            raise ValueError(f"position {req['position']!r} refers to include[{j}], "
-                             f"but there are {len(include)} entries")
-        if not any(relation_holds(a, b, relation) for a in matched[i] for b in matched[int(j)]):
-            seen = sorted({r for a in matched[i] for b in matched[int(j)]
-                           for r in _relations_between(a, b)})
-            return (f"expected the {include[i]['class']} {relation} the {include[int(j)]['class']}, "
-                    f"found {', '.join(seen) if seen else 'no clear relation'}")
-    return None
+        name = f"{include[i]['class']} {relation} {include[int(j)]['class']}"
+        if any(relation_holds(a, b, relation) for a in matched[i] for b in matched[int(j)]):
+            items.append((name, True, None))
+            continue
+        seen = sorted({r for a in matched[i] for b in matched[int(j)] for r in _relations_between(a, b)})
+        items.append((name, False, f"expected the {include[i]['class']} {relation} the {include[int(j)]['class']}, "
+                                   f"found {', '.join(seen) if seen else 'no clear relation'}"))
+    if meta.get("background") is not None and background is not None:
+        named = min(BACKGROUNDS, key=lambda k: float(np.linalg.norm(np.subtract(BACKGROUNDS[k], background))))
+        ok = named == meta["background"]
+        items.append((f"{meta['background']} background", ok,
+                      None if ok else f"expected a {meta['background']} background, found {named}"))
+    return items
+
+
+def clean_image(info: dict) -> tuple[bool, str | None]:
+    """The toy world's global rule: no rejected regions (smudges, broken or unknown shapes)
+    and an even background (its border within EVEN_SPREAD of its median: a plain render is
+    0, the "fine grain" texture 5); (holds, why not) from ``detect_objects``' info."""
+    if info["dropped"]:
+        return False, info["dropped"][0]
+    if info.get("background_spread", 0.0) > EVEN_SPREAD:
+        return False, f"uneven background: its border lies {info['background_spread']:.1f} from its median " \
+                      f"(limit {EVEN_SPREAD})"
+    return True, None
+
+
+def _check(objects: list[dict], meta: dict, background=None) -> str | None:
+    """None when the detections satisfy the metadata, else the first reason they fail."""
+    return next((why for _, ok, why in rubric_checks(objects, meta, background) if not ok), None)
 
 
 def score_image(image: Image.Image, metadata: dict) -> dict:
@@ -463,7 +497,7 @@ def score_image(image: Image.Image, metadata: dict) -> dict:
     if not isinstance(metadata, dict):
         raise TypeError(f"expected metadata as a dict, got {type(metadata).__name__}")
     objects, info = detect_objects(image)
-    reason = _check(objects, metadata)
+    reason = _check(objects, metadata, info["background"])
     if reason is not None and not objects and info["dropped"]:
         reason += f"; {info['dropped'][0]}"
     return {"correct": reason is None, "tag": metadata.get("tag"), "reason": reason,
