@@ -37,7 +37,7 @@ def test_saved_only_when_set_and_absent_means_first_block_only(tmp_path):
 
 
 def _pipe(model):
-    pipe = LensPipeline(model, PixelSpace(4), None, SCHEDULER)
+    pipe = LensPipeline(SCHEDULER, PixelSpace(4), transformer=model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
