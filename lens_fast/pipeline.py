@@ -26,7 +26,7 @@ from diffusers.utils import BaseOutput
 from . import engine as fast_path
 from .errors import InvalidValue
 from .images import OUTPUT_TYPES, decoded_to_output
-from .pipeline_loading import VARIANT_DEFAULTS, LensPipelineLoading, detect_variant  # noqa: F401 (re-export)
+from .pipeline_loading import COMPONENTS, VARIANT_DEFAULTS, LensPipelineLoading, detect_variant  # noqa: F401 (re-export)
 from .resolutions import resolve_resolution
 from .sampling import cfg_combine, compute_empirical_mu
 from .text_encoder import LensTextEncoder
@@ -121,6 +121,26 @@ def _split_text_encoder(text_encoder, tokenizer, selected_layers):
     return text_encoder, tokenizer, LensTextEncoder(text_encoder, tokenizer, selected_layers)
 
 
+def _check_fast_path_servable(pipe) -> None:
+    """One clear line for what diffusers can set up and the engine does not run: offload
+    hooks, attention processors other than lens_fast's, layerwise casting (all of them run
+    on the reference path)."""
+    from .models.processors import LensAttnProcessor
+
+    hooked = [n for n, m in pipe.components.items() if isinstance(m, torch.nn.Module) and hasattr(m, "_hf_hook")]
+    if hooked:
+        raise InvalidValue(f"the fast path cannot run with accelerate offload hooks (on {hooked}); call "
+                           "pipe.remove_all_hooks() first or stay on the reference path")
+    custom = sorted({type(p).__name__ for p in pipe.transformer.attn_processors.values()
+                     if not isinstance(p, LensAttnProcessor)})
+    if custom:
+        raise InvalidValue(f"the fast path runs lens_fast's own attention; the transformer has attention processor(s) "
+                           f"{custom}: they run on the reference path (or reset with set_default_attn_processor())")
+    if any(getattr(m, "_diffusers_hook", None) is not None for m in pipe.transformer.modules()):
+        raise InvalidValue("the fast path does not run diffusers hooks on the transformer (layerwise casting, group "
+                           "offloading): they run on the reference path")
+
+
 def _plain_euler(scheduler) -> bool:
     return isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and not scheduler.config.stochastic_sampling
 
@@ -174,6 +194,13 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
         self.engine = None
         self.text_encoding = None
 
+    @classmethod
+    def _get_signature_keys(cls, obj):
+        """diffusers reads a pipeline's components off its constructor's required
+        arguments; here they may be omitted (None: no text encoder, the Lens scheduler),
+        and they are still the five components."""
+        return sorted(COMPONENTS), ["lens_defaults", "lens_variant", "reasoner"]
+
     @property
     def variant(self) -> str:
         """The Lens variant ("lens", "lens-turbo", "lens-base"): picks ``recommended``."""
@@ -200,10 +227,7 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
         same arguments and results within bf16 noise. See ``lens_fast.engine``."""
         if self.latent_codec is None:
             raise InvalidValue("the fast path needs a VAE; this pipeline has none")
-        hooked = [n for n, m in self.components.items() if isinstance(m, torch.nn.Module) and hasattr(m, "_hf_hook")]
-        if hooked:
-            raise InvalidValue(f"the fast path cannot run with accelerate offload hooks (on {hooked}); call "
-                               "pipe.remove_all_hooks() first or stay on the reference path")
+        _check_fast_path_servable(self)
         self.transformer.fuse_projections()  # w1|w3 as one GEMM; state-dict names unchanged
         return fast_path.enable_fast_path(self, **kwargs)
 

@@ -67,7 +67,9 @@ def load_flux2_vae(path: str, torch_dtype=None, device="cpu", variant: Optional[
         kwargs["variant"] = variant
     try:
         vae = AutoencoderKLFlux2.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+    except OSError as e:  # a weight file (or the variant's) is missing: an OSError, as diffusers raises
+        raise MissingFile(f"cannot load the VAE from {path}: {one_line(e)}") from None
+    except (ValueError, RuntimeError, SafetensorError) as e:
         raise CorruptFile(f"cannot load the VAE from {path}: {one_line(e)}") from None
     return vae.to(device).eval()
 
