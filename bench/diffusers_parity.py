@@ -16,6 +16,10 @@ give (``--diffusers PATH``, a clone at that commit: it needs ``src/`` and ``test
 are downloaded from GitHub (``--download``, when the network allows). diffusers' test
 helpers need a few test-only packages: ``pip install -e ".[diffusers-tests]"``.
 
+Both runs import diffusers from the checkout's ``src/`` (the released diffusers that
+constraints.txt pins has no Lens classes), so lens_fast is measured against the diffusers
+of that commit; the report's first line names both versions.
+
     python bench/diffusers_parity.py --diffusers ~/src/diffusers --out parity.md
     make diffusers-parity DIFFUSERS=~/src/diffusers
 """
@@ -112,7 +116,21 @@ def run(work: str, files, name: str) -> dict:
     return outcomes
 
 
-def report(ref: dict, ours: dict) -> tuple:
+def versions(checkout: str) -> str:
+    """Which diffusers ran (the checkout's) and which one is installed."""
+    text = open(os.path.join(checkout, "src", "diffusers", "__init__.py"), encoding="utf-8").read()
+    found = re.search(r'^__version__ = "([^"]+)"', text, flags=re.M)
+    try:
+        from importlib.metadata import version
+
+        installed = version("diffusers")
+    except Exception:  # noqa: BLE001 - only for the report line
+        installed = "not installed"
+    return (f"diffusers {found.group(1) if found else '?'} from the checkout at {COMMIT[:10]} "
+            f"(installed: {installed}); Python {sys.version.split()[0]}")
+
+
+def report(ref: dict, ours: dict, header: str = "") -> tuple:
     rows, regressions = [], []
     for test in sorted(set(ref) | set(ours)):
         a, b = ref.get(test, "absent"), ours.get(test, "absent")
@@ -125,7 +143,7 @@ def report(ref: dict, ours: dict) -> tuple:
                 note = "REGRESSION"
         rows.append(f"| {test} | {a} | {b} | {note} |")
     count = lambda d, k: sum(v == k for v in d.values())  # noqa: E731
-    head = [f"diffusers' classes: {count(ref, 'passed')} passed, {count(ref, 'failed')} failed, "
+    head = ([header, ""] if header else []) + [f"diffusers' classes: {count(ref, 'passed')} passed, {count(ref, 'failed')} failed, "
             f"{count(ref, 'skipped')} skipped",
             f"lens_fast's classes: {count(ours, 'passed')} passed, {count(ours, 'failed')} failed, "
             f"{count(ours, 'skipped')} skipped",
@@ -149,7 +167,8 @@ def main(argv=None) -> int:
         runs = prepare(checkout, work)
         ref = run(work, runs["diffusers"], "diffusers")
         ours = run(work, runs["lens_fast"], "lens_fast")
-    text, regressions = report(ref, ours)
+        header = versions(checkout)
+    text, regressions = report(ref, ours, header)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

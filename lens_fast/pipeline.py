@@ -164,8 +164,6 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
     def __init__(self, scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None, *,
                  lens_variant: str = "lens", reasoner=None, lens_defaults: bool = False):
         super().__init__()
-        if transformer is None:
-            raise InvalidValue("LensPipeline needs a transformer (a LensTransformer2DModel)")
         if lens_variant not in VARIANT_DEFAULTS:
             raise InvalidValue(f"lens_variant={lens_variant!r}; expected one of {sorted(VARIANT_DEFAULTS)}")
         if scheduler is None or isinstance(scheduler, dict):
@@ -175,8 +173,9 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
             raise InvalidValue(f"scheduler is a {type(scheduler).__name__}; expected a diffusers scheduler "
                                "(FlowMatchEulerDiscreteScheduler), a config dict or None")
         vae, codec = _split_vae(vae)
-        text_encoder, tokenizer, prompt_encoder = _split_text_encoder(text_encoder, tokenizer,
-                                                                      transformer.config.selected_layer_index)
+        # Without a transformer (a pipeline that only encodes prompts) layer 0, as diffusers' Lens does.
+        layers = transformer.config.selected_layer_index if transformer is not None else [0]
+        text_encoder, tokenizer, prompt_encoder = _split_text_encoder(text_encoder, tokenizer, layers)
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", 0) is None:
             tokenizer.pad_token = tokenizer.eos_token
         if tokenizer is not None and hasattr(tokenizer, "padding_side"):
@@ -189,7 +188,7 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
         self.lens_defaults = bool(lens_defaults)
         self.reasoner = reasoner  # a lens_fast.reasoner.Reasoner: rewrites requests when called with reason=True
         self.vae_scale_factor = codec.spatial_factor if codec is not None else 16
-        self.latent_channels = transformer.config.in_channels
+        self.latent_channels = transformer.config.in_channels if transformer is not None else None
         self.default_sample_size = 1024
         self.engine = None
         self.text_encoding = None
@@ -241,11 +240,12 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """The transformer's device (where sampling runs); without one, diffusers' rule."""
+        return self.transformer.device if self.transformer is not None else super().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return self.transformer.dtype if self.transformer is not None else super().dtype
 
     @property
     def _progress(self) -> dict:
@@ -397,6 +397,8 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
         pipeline's reasoner rewrite each prompt before encoding (never the negative prompt;
         nothing with ``prompt_embeds``); the output's ``prompts`` and ``rewrites`` say what
         was encoded, and a failed rewrite falls back to the prompt as written."""
+        if self.transformer is None:
+            raise InvalidValue("this pipeline has no transformer: it only encodes prompts (encode_prompt)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         for k in callback_on_step_end_tensor_inputs:

@@ -59,8 +59,13 @@ def test_diffusers_constructor_with_diffusers_and_lens_fast_components(pipe):
     ours.set_progress_bar_config(disable=True)
     assert ours.vae is comps["vae"] and ours.tokenizer is comps["tokenizer"] and ours.prompt_encoder is encoder
     assert torch.equal(_latents(ours), ref)
-    with pytest.raises(InvalidValue, match="needs a transformer"):
-        LensPipeline(scheduler=comps["scheduler"], vae=comps["vae"])
+    # only the text encoder and tokenizer (diffusers' encode_prompt-in-isolation set-up)
+    text_only = LensPipeline(text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"])
+    text_only.prompt_encoder.template_date = "2026-01-01"
+    feats, mask, _, _ = text_only.encode_prompt("a red circle")
+    assert len(feats) == 1 and feats[0].shape[:2] == mask.shape
+    with pytest.raises(ValueError, match="transformer"):
+        text_only("a red circle", **KW)
     with pytest.raises(InvalidValue, match="expected diffusers' AutoencoderKLFlux2"):
         LensPipeline(vae=object(), transformer=comps["transformer"])
 
