@@ -15,6 +15,7 @@ from lens_fast.cli import main as lens_fast_main
 from lens_fast.tiny import make_tiny_checkpoint, randomize_
 from lens_fast.train import BucketData, InMemorySource, Trainer, load_config
 from lens_fast.train.cli import main as train_main
+from lens_fast.train.run_dir import LOCK_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,12 +82,12 @@ def tiny_teacher(folder, seed, **overrides):
 
 
 def snapshot(folder):
-    """Every file's bytes, but the run lock's (it names the last process that opened the
-    folder, a refused one included)."""
+    """Every file's bytes, but the run folder's lock (its holder's pid and start time,
+    rewritten by each process that takes the lock)."""
     out = {}
     for here, _, files in os.walk(folder):
         for name in files:
-            if name == ".lock":
+            if name == LOCK_NAME and here == str(folder):
                 continue
             with open(os.path.join(here, name), "rb") as f:
                 out[os.path.relpath(os.path.join(here, name), folder)] = f.read()

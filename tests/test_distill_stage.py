@@ -12,7 +12,7 @@ from lens_fast.toy.lifecycle import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_quick_distill_stage_from_an_exported_teacher_writes_the_report(tmp_path):
+def test_quick_distill_stage_from_an_exported_teacher_writes_the_report(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     build_model(build_config(True)).save_pretrained(str(teacher / "transformer"))
     out = tmp_path / "lifecycle"
@@ -27,19 +27,33 @@ def test_quick_distill_stage_from_an_exported_teacher_writes_the_report(tmp_path
         assert r["seconds_per_image"] > 0
         for mode in ("as_written", "rewritten"):
             assert set(r["scores"][mode]["per_tag"]) == set(TAG_ORDER) and r["scores"][mode]["n"] == 6
+    assert [(r["model"], r["steps"], r["guidance"]) for r in report["second_set"]] == [x[:3] for x in rows[:4]]
+    for o in report["second_set"]:  # a second draw of the headline scores, on other prompts
+        assert all(set(o["scores"][m]["per_tag"]) == set(TAG_ORDER) and o["scores"][m]["n"] == 6 for m in o["scores"])
     for mode in ("as_written", "rewritten"):
-        for name in ("teacher", "student"):
+        for name in ("teacher", "teacher_4_steps", "student"):
             d = report["diversity"][mode][name]
             assert len(d["per_prompt"]) == 3 and 0 < d["mean"] < 1
     assert set(report["targets"]) == {"score_ratio", "score_ratio_met", "above_teacher_4_steps_by",
-                                      "above_teacher_4_steps_met", "diversity_ratio", "diversity_met"}
+                                      "above_teacher_4_steps_met", "diversity_ratio", "diversity_met", "both_sets"}
     assert report["steps"] == 3
-    with Image.open(out / "distill" / "samples.png") as grid:  # two labelled rows (teacher, student) of 3 prompts
-        assert grid.size == (150 + 3 * (36 * 3 + 4), 14 + 2 * (36 * 3 + 4))
+    with Image.open(out / "distill" / "samples.png") as grid:  # labelled rows (teacher 6 and 4 steps, student) x 3 prompts
+        assert grid.size == (150 + 3 * (36 * 3 + 4), 14 + 3 * (36 * 3 + 4))
     md = (out / "report.md").read_text()
     assert "## distill" in md and "student" in md and "Targets" in md
-    with pytest.raises(FileExistsError, match="not empty"):
-        main(["--quick", "--teacher", str(teacher), "--out", str(out)])
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["--quick", "--teacher", str(teacher), "--out", str(out)]) == 2  # nothing written over
+    assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("teacher, expected", [("absent", "--teacher {} does not exist"),
+                                               (".", "--teacher {} is not a Lens checkpoint")])
+def test_the_lifecycle_refuses_a_bad_teacher_in_one_line_before_any_work(tmp_path, capsys, teacher, expected):
+    path = str(tmp_path / teacher)
+    assert main(["--teacher", path, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert expected.format(path) in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_diversity_is_the_mean_pairwise_pixel_distance_per_prompt():

@@ -274,7 +274,8 @@ def test_bad_demo_values_and_outputs_are_refused_before_the_text_encoder_loads(t
                            (["--out", str(tmp_path / "afile" / "x")], "afile is a file, not a folder"),
                            (["--out", "/proc/lens_fast_demo"], "cannot create files in /proc"),
                            (["--seed", "-1"], "argument --seed"), (["--steps", "0"], "argument --steps"),
-                           (["--threads", "0"], "argument --threads"), (["--ablation", "x"], "invalid choice")]:
+                           (["--threads", "0"], "argument --threads"), (["--ablation", "x"], "invalid choice"),
+                           (["--lifecycle", "--ablation", "captions"], "--lifecycle with --ablation captions")]:
         rc = cli.main(["demo", "--quick", "--out", str(tmp_path / "new"), *extra])
         assert message in one_line_error(capsys, rc), extra
     assert (tmp_path / "full" / "mine.txt").read_text() == "mine" and not (tmp_path / "new").exists()

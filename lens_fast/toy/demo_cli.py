@@ -38,6 +38,9 @@ def _main(argv: List[str]) -> int:
     args = p.parse_args(argv)
     if args.ablation == "narrow" and not args.rl:
         raise InvalidValue("--ablation narrow compares two RL prompt sets: give --rl FOLDER (a demo model folder)")
+    if args.lifecycle and args.ablation:
+        raise InvalidValue(f"--lifecycle with --ablation {args.ablation}: choose one (the lifecycle pre-trains the "
+                           "default model, then distils it)")
     check_output_folder(args.out, "--out")
     overrides = {"seed": args.seed, "threads": args.threads}
     if args.steps is not None:

@@ -12,7 +12,6 @@ pairwise pixel distance between 4 seeds of one prompt); a side-by-side grid.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,9 +22,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..atomic import save_image, write_json, write_text
 from . import heldout_prompts
-from .demo import (PROMPT_MODES, TAG_ORDER, DemoConfig, _Progress, _summary, build_data, model_prompts,
-                   sample_and_score, train_config)
+from .demo import (PROMPT_MODES, TAG_ORDER, DemoConfig, _Progress, _summary, build_data, fixed_threads,
+                   model_prompts, sample_and_score, train_config)
 from .text import MiniLMTextEncoder
 
 
@@ -48,6 +48,7 @@ class DistillStageConfig:
     diversity_prompts: int = 24  # held-out prompts x 4 seeds for the diversity measure
     diversity_seeds: int = 4
     grid_prompts: int = 16
+    second_set_seed: Optional[int] = 299  # the noise: headline rows again on held-out prompts of seed + this (None: off)
     train_prompts: Optional[int] = None  # captions to distil on (None: the demo's training set, n_samples)
     eval_per_tag: Optional[int] = None  # held-out prompts per tag (None: the demo's)
 
@@ -137,12 +138,19 @@ def side_by_side(path: str, rows: Dict[str, List[Image.Image]], prompts: List[st
         draw.text((2, 14 + i * ch + ch // 2 - 6), name, fill="black")
         for j, im in enumerate(images):
             canvas.paste(im.resize((w * scale, h * scale), Image.NEAREST), (label + j * cw, 14 + i * ch))
-    canvas.save(path)
+    save_image(canvas, path)
 
 
 def run_stage(teacher: str, out: str, demo: DemoConfig, stage: DistillStageConfig,
               text_encoder: Optional[MiniLMTextEncoder] = None) -> dict:
-    """Distil ``teacher`` (an exported folder of the demo's model) into ``out``; returns the report."""
+    """Distil ``teacher`` (an exported folder of the demo's model) into ``out`` on the
+    demo's fixed thread count (the result depends on it, not on the machine); returns the report."""
+    with fixed_threads(demo.threads):
+        return _run_stage(teacher, out, demo, stage, text_encoder)
+
+
+def _run_stage(teacher: str, out: str, demo: DemoConfig, stage: DistillStageConfig,
+               text_encoder: Optional[MiniLMTextEncoder]) -> dict:
     from ..models.transformer import LensTransformer2DModel
     from ..pipeline import detect_variant
     from ..train import InMemorySource, Trainer
@@ -173,23 +181,33 @@ def run_stage(teacher: str, out: str, demo: DemoConfig, stage: DistillStageConfi
     with tqdm(total=len(rows(stage)) * len(PROMPT_MODES) * len(prompts), desc="held-out prompts", unit="img") as bar:
         for name, steps, cfg_on in rows(stage):
             guidance = demo.guidance if cfg_on else 1.0
-            scores = {mode: _summary(sample_and_score(models[name][0], text_encoder, prompts, [size],
-                                                      replace(demo, sample_steps=steps, guidance=guidance), bar,
-                                                      mode)[0]) for mode in PROMPT_MODES}
             texts = model_prompts(prompts, demo.prompts, demo)[:32]
             table.append({"model": name, "steps": steps, "guidance": guidance,
-                          "nfe": steps * (2 if guidance != 1.0 else 1), "scores": scores,
+                          "nfe": steps * (2 if guidance != 1.0 else 1),
+                          "scores": score_modes(models[name][0], text_encoder, prompts, size, steps, guidance, demo,
+                                                bar),
                           "seconds_per_image": seconds_per_image(pipes[name], texts, size, steps, guidance, demo,
                                                                  stage.timing_repeats)})
+    second = []
+    if stage.second_set_seed is not None:  # the noise: the headline rows on other prompts and seeds
+        other = heldout_prompts(demo.eval_per_tag, seed=demo.seed + stage.second_set_seed)
+        other_demo = replace(demo, seed=demo.seed + stage.second_set_seed)
+        with tqdm(total=4 * len(PROMPT_MODES) * len(other), desc="second held-out set", unit="img") as bar:
+            for name, steps, cfg_on in rows(stage)[:4]:
+                guidance = demo.guidance if cfg_on else 1.0
+                second.append({"model": name, "steps": steps, "guidance": guidance,
+                               "scores": score_modes(models[name][0], text_encoder, other, size, steps, guidance,
+                                                     other_demo, bar)})
     subset = prompts[:stage.diversity_prompts]
     div, shown = {}, {}
     for mode in PROMPT_MODES:
         texts = model_prompts(subset, mode, demo)
         for name, steps, guidance in (("teacher", stage.teacher_steps, demo.guidance),
-                                      ("student", stage.student_steps, 1.0)):
+                                      ("teacher", stage.student_steps, 1.0), ("student", stage.student_steps, 1.0)):
             images = seed_images(pipes[name], texts, size, steps, guidance, stage.diversity_seeds, demo)
             per_prompt = diversity(images)
-            div.setdefault(mode, {})[name] = {"mean": float(np.mean(per_prompt)), "per_prompt": per_prompt}
+            key = name if name == "student" or steps == stage.teacher_steps else f"teacher_{steps}_steps"
+            div.setdefault(mode, {})[key] = {"mean": float(np.mean(per_prompt)), "per_prompt": per_prompt}
             if mode == demo.prompts:
                 shown[f"{name} {steps} steps" + (f", CFG {guidance:g}" if guidance != 1.0 else "")] = images[0]
     n = stage.grid_prompts
@@ -200,15 +218,20 @@ def run_stage(teacher: str, out: str, demo: DemoConfig, stage: DistillStageConfi
         "recommended": list(pipes["student"].recommended), "stage": asdict(stage), "demo": asdict(demo),
         "data": data_info, "steps": result.step, "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.time() - t0, 1), "final_loss": result.losses[-1] if result.losses else None,
-        "rows": table, "diversity": div, "prompts": demo.prompts, "eval_size": list(size),
+        "rows": table, "second_set": second, "diversity": div, "prompts": demo.prompts, "eval_size": list(size),
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__},
     }
     report["targets"] = targets(report)
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(report))
+    write_json(os.path.join(out, "report.json"), report)
+    write_text(os.path.join(out, "report.md"), markdown(report))
     return report
+
+
+def score_modes(model, text_encoder, prompts, size, steps: int, guidance: float, demo: DemoConfig, bar) -> dict:
+    """ShapeEval of ``model`` on ``prompts`` in both prompt modes at ``steps`` and ``guidance``."""
+    return {mode: _summary(sample_and_score(model, text_encoder, prompts, [size],
+                                            replace(demo, sample_steps=steps, guidance=guidance), bar, mode)[0])
+            for mode in PROMPT_MODES}
 
 
 def _row(report, model, steps, cfg_on):
@@ -225,9 +248,18 @@ def targets(report: dict) -> dict:
     best4 = max(_row(report, "teacher", s, c)["scores"][mode]["overall"] for c in (True, False))
     div = report["diversity"][mode]
     ratio = div["student"]["mean"] / max(div["teacher"]["mean"], 1e-9)
-    return {"score_ratio": student / max(teacher20, 1e-9), "score_ratio_met": 0 < teacher20 <= student / 0.9,
-            "above_teacher_4_steps_by": student - best4, "above_teacher_4_steps_met": student > best4,
-            "diversity_ratio": ratio, "diversity_met": ratio >= 0.7}
+    out = {"score_ratio": student / max(teacher20, 1e-9), "score_ratio_met": 0 < teacher20 <= student / 0.9,
+           "above_teacher_4_steps_by": student - best4, "above_teacher_4_steps_met": student > best4,
+           "diversity_ratio": ratio, "diversity_met": ratio >= 0.7}
+    if report.get("second_set"):  # the same on both held-out sets together (twice the prompts)
+        both = {(r["model"], r["steps"], r["guidance"]): (r["scores"][mode]["overall"] + o["scores"][mode]["overall"]) / 2
+                for r, o in zip(report["rows"], report["second_set"])}
+        g = report["demo"]["guidance"]
+        pooled_student, pooled_teacher20 = both[("student", s, 1.0)], both[("teacher", t, g)]
+        out["both_sets"] = {"score_ratio": pooled_student / max(pooled_teacher20, 1e-9),
+                            "above_teacher_4_steps_by": pooled_student - max(both[("teacher", s, g)],
+                                                                             both[("teacher", s, 1.0)])}
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -246,15 +278,27 @@ def markdown(report: dict) -> str:
     lines += ["", f"Seed diversity (mean pairwise pixel distance, 0-1, between {st['diversity_seeds']} seeds of one "
               f"prompt; teacher {st['teacher_steps']} steps with CFG, student {st['student_steps']} steps):", ""]
     for mode, d in report["diversity"].items():
-        lines.append(f"- {mode}: teacher {d['teacher']['mean']:.4f}, student {d['student']['mean']:.4f} "
+        extra = "".join(f", {k.replace('_', ' ')} {v['mean']:.4f}" for k, v in d.items() if k.startswith("teacher_"))
+        lines.append(f"- {mode}: teacher {d['teacher']['mean']:.4f}{extra}, student {d['student']['mean']:.4f} "
                      f"({len(d['teacher']['per_prompt'])} prompts)")
+    if report.get("second_set"):
+        lines += ["", f"The noise: the same rows on a second held-out set (prompts, rewrites and noise seeds of "
+                  f"seed + {st['second_set_seed']}), overall score as_written / rewritten, first set -> second set:",
+                  ""]
+        for r, o in zip(report["rows"], report["second_set"]):
+            pair = " / ".join(f"{r['scores'][m]['overall']:.3f} -> {o['scores'][m]['overall']:.3f}"
+                              for m in PROMPT_MODES)
+            lines.append(f"- {o['model']} {o['steps']} steps, guidance {o['guidance']:g}: {pair}")
     first = report["rows"][0]["scores"][report["prompts"]]
     lines += ["", f"Targets ({report['prompts']} prompts): student 4 steps / guidance 1 at "
               f"{100 * t['score_ratio']:.0f}% of the teacher's {st['teacher_steps']}-step CFG score (target 90%: "
               f"{'met' if t['score_ratio_met'] else 'missed'}); {t['above_teacher_4_steps_by']:+.3f} over the "
               f"teacher's best 4-step score ({'met' if t['above_teacher_4_steps_met'] else 'missed'}); diversity "
               f"{100 * t['diversity_ratio']:.0f}% of the teacher's (target 70%: "
-              f"{'met' if t['diversity_met'] else 'missed'}).",
+              f"{'met' if t['diversity_met'] else 'missed'})."
+              + (f" Both held-out sets together: {100 * t['both_sets']['score_ratio']:.0f}% of the teacher's "
+                 f"{st['teacher_steps']}-step CFG score, {t['both_sets']['above_teacher_4_steps_by']:+.3f} over its "
+                 "best 4-step score." if "both_sets" in t else ""),
               f"Held-out prompts: {first['n']} per row and mode, canvas {report['eval_size']}, the same seeds "
               f"for every row; {report['steps']} student updates in {report['train_seconds']} s "
               f"({report['stage']['fake_updates']} fake updates each, batch {report['stage']['batch']}); "

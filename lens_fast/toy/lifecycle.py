@@ -10,13 +10,13 @@ previous stage's exported folder: pre-train (the demo) -> distil (a 4-step Turbo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import List, Optional
 
-from ..errors import OutputExists
+from ..cli_checks import OneLineParser, check_output_folder, integer
+from ..errors import run_cli
 from .demo import DemoConfig, _write, build_config, run as pretrain_run
 from .distill_stage import run_stage, stage_config
 from .text import MiniLMTextEncoder
@@ -47,15 +47,26 @@ def run_lifecycle(demo: DemoConfig, out: str, quick: bool = False, teacher: Opti
     return reports
 
 
+PROG = "python -m lens_fast.toy.lifecycle"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lens_fast.toy.lifecycle", description=__doc__.split("\n\n")[0])
+    """Returns the exit status (2 with one line for bad input, before any compute)."""
+    return run_cli(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: List[str]) -> int:
+    from ..train.build import model_folder
+
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--teacher", help="start at the distil stage from this exported folder of the demo's model")
     p.add_argument("--quick", action="store_true", help="a smoke run of every stage (CI)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(0, 2 ** 31 - 1), default=0)
     args = p.parse_args(argv)
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        raise OutputExists(f"--out {args.out} is not empty; choose a new folder (nothing is overwritten)")
+    check_output_folder(args.out, "--out")
+    if args.teacher:
+        model_folder(args.teacher, "--teacher")
     run_lifecycle(build_config(args.quick, seed=args.seed), args.out, args.quick, args.teacher)
     print(f"wrote {args.out}/report.md")
     return 0
