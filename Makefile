@@ -77,8 +77,9 @@ gpu-check:
 # diffusers' two Lens test files run against diffusers' classes and against lens_fast's (only the
 # import changed); DIFFUSERS=<checkout at the Lens commit> runs offline, else the commit is downloaded.
 DIFFUSERS ?=
+PARITY_OUT ?= diffusers_parity.md
 diffusers-parity:
 	LENS_FAST_SKIP_CUDA_BUILD=1 PIP_CONSTRAINT=$(CONSTRAINTS) $(VENV)/bin/python -m pip --disable-pip-version-check -q \
 	    install -e ".[diffusers-tests]"
 	$(VENV)/bin/python bench/diffusers_parity.py $(if $(DIFFUSERS),--diffusers $(DIFFUSERS),--download) \
-	    --out bench/results/diffusers_parity.md
+	    --out $(PARITY_OUT)

@@ -215,3 +215,46 @@ def test_to_moves_every_component_and_tolerates_absent_ones(ckpt):
     assert bare.transformer.dtype == torch.float32 and bare.vae.dtype == torch.float32
     with pytest.raises(ValueError, match="pass prompt_embeds"):
         bare("a cat", **KW)
+
+
+def test_transformer_save_variant_shards_and_low_cpu_mem_usage(tmp_path):
+    from lens_fast.tiny import make_tiny_transformer
+
+    model = make_tiny_transformer(seed=3)
+    model.save_pretrained(tmp_path, variant="fp16", max_shard_size="10KB")
+    names = os.listdir(tmp_path)
+    assert "diffusion_pytorch_model.safetensors.index.fp16.json" in names
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    back = LensTransformer2DModel.from_pretrained(tmp_path, variant="fp16", low_cpu_mem_usage=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(OSError):
+        LensTransformer2DModel.from_pretrained(tmp_path)  # only the fp16 variant is there
+    back.enable_gradient_checkpointing()
+    assert back.is_gradient_checkpointing and back.gradient_checkpointing
+    back.register_to_config(mask_every_block=True)
+    assert back.mask_every_block is True
+
+
+def test_attention_processors_in_diffusers_convention_run_on_the_eager_path():
+    from lens_fast.models.processors import LensAttnProcessor
+    from lens_fast.tiny import make_tiny_transformer
+
+    model = make_tiny_transformer(seed=4)
+    x = torch.randn(1, 4, model.config.in_channels, generator=torch.Generator().manual_seed(0))
+    feats = [torch.randn(1, 3, model.config.enc_hidden_dim) for _ in range(model.num_text_layers)]
+    mask = torch.tensor([[True, True, False]])
+    kw = dict(hidden_states=x, encoder_hidden_states=feats, encoder_hidden_states_mask=mask,
+              timestep=torch.tensor([0.5]), img_shapes=[(1, 2, 2)], return_dict=False)
+    ref = model(**kw)[0]
+    calls = []
+
+    class Recording:  # a processor written for diffusers' Lens: (attn, img, txt, image_rotary_emb, attention_mask)
+        def __call__(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb=None, attention_mask=None):
+            calls.append(attention_mask is not None)
+            return LensAttnProcessor()(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
+
+    model.set_attn_processor(Recording())
+    torch.testing.assert_close(model(**kw)[0], ref, rtol=1e-5, atol=1e-6)
+    assert len(calls) == model.config.num_layers and calls[0]
+    model.set_attn_processor(LensAttnProcessor())
+    assert torch.equal(model(**kw)[0], ref)
