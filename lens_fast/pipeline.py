@@ -224,8 +224,6 @@ class LensPipeline(LensPipelineLoading, DiffusionPipeline):
     def enable_fast_path(self, **kwargs):
         """Switch to the inference engine (fused ops, compiled blocks, CUDA graphs);
         same arguments and results within bf16 noise. See ``lens_fast.engine``."""
-        if self.latent_codec is None:
-            raise InvalidValue("the fast path needs a VAE; this pipeline has none")
         _check_fast_path_servable(self)
         self.transformer.fuse_projections()  # w1|w3 as one GEMM; state-dict names unchanged
         return fast_path.enable_fast_path(self, **kwargs)
