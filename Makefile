@@ -15,7 +15,9 @@ EXTRAS ?= triton,demo,test,curate,ray
 CONSTRAINTS := $(CURDIR)/constraints.txt
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
-TEST_ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1
+# OMP_WAIT_POLICY=PASSIVE: the tests train small models on 2 threads; with libgomp's spinning
+# default they ran many times slower whenever another process shared the cores (README, Reliability).
+TEST_ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: venv venv-latest demo test test-fast test-dali test-latest lock gpu-check diffusers-parity
 

@@ -20,6 +20,8 @@ cd "$ROOT"
 RESULTS="${1:-${OUT:-$ROOT/bench/results/gpu_check_$(date +%Y%m%d_%H%M%S)}}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
+# PYTHON, else the checkout's .venv (what `make venv` builds), else python3 from PATH.
+if [[ -z "${PYTHON:-}" && -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; fi
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"

@@ -1,7 +1,8 @@
 """Atomic file writes: the bytes go to a temporary file beside the target (same folder,
 so the same file system), are flushed to disk, and ``os.replace`` puts the finished
 file in place. A reader sees the old file or the new one, never half of one; a process
-killed mid-write leaves at most a ``.tmp-*`` file, never a truncated target. Write
+killed mid-write leaves at most a ``.tmp-*`` file, never a truncated target. The file
+gets the permissions ``open`` would give it (0666 less the umask). Write
 errors (disk full, permissions, the folder removed underneath) raise ``StorageError``
 naming the target."""
 from __future__ import annotations
@@ -16,6 +17,15 @@ from .errors import InvalidValue, storage_error
 TMP_PREFIX = ".tmp-"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask is process-wide, so not read while threads write
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> str:
     """Call ``write(f)`` on a binary temporary file, then move it to ``path``."""
     path = os.fspath(path)
@@ -25,6 +35,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> str:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes 0600)
             write(f)
             f.flush()
             os.fsync(f.fileno())

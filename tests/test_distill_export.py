@@ -15,6 +15,7 @@ from lens_fast.cli import main as lens_fast_main
 from lens_fast.tiny import make_tiny_checkpoint, randomize_
 from lens_fast.train import BucketData, InMemorySource, Trainer, load_config
 from lens_fast.train.cli import main as train_main
+from lens_fast.train.config import RECIPES
 from lens_fast.train.run_dir import LOCK_NAME
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,7 +145,8 @@ def test_resuming_with_another_teacher_is_refused_and_the_run_is_left_alone(tmp_
 @pytest.mark.parametrize("args, expected", [
     (["--set", "distill.fake_update=3"], "unknown key distill.fake_update"),
     (["--set", "distill.schedule=shared"], "distill.schedule='shared': expected hybrid or coupled"),
-    (["--recipe", "rl"], "recipe='rl': expected one of ['pretrain', 'distill']"),
+    (["--recipe", "reflow"], f"recipe='reflow': expected one of {list(RECIPES)}"),
+    (["--recipe", "rl"], "distill.teacher='T' is set but the recipe is rl"),
     (["--recipe", "pretrain"], "distill.teacher='T' is set but the recipe is pretrain"),
 ])
 def test_unknown_or_misplaced_recipe_options_are_refused(tmp_path, capsys, args, expected):

@@ -1,6 +1,7 @@
 """The demo's distillation stage (python -m lens_fast.toy.lifecycle --teacher): a quick
 run from an exported folder of the demo's model writes the side-by-side report."""
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -44,6 +45,27 @@ def test_quick_distill_stage_from_an_exported_teacher_writes_the_report(tmp_path
     before = sorted(p.name for p in out.rglob("*"))
     assert main(["--quick", "--teacher", str(teacher), "--out", str(out)]) == 2  # nothing written over
     assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_quick_lifecycle_from_a_policy_runs_rl_then_distils_the_rl_model(tmp_path):
+    policy = tmp_path / "policy"
+    build_model(build_config(True)).save_pretrained(str(policy / "transformer"))
+    out = tmp_path / "lifecycle"
+    assert main(["--quick", "--policy", str(policy), "--out", str(out)]) == 0
+    rl = json.loads((out / "rl" / "report.json").read_text())
+    distill = json.loads((out / "distill" / "report.json").read_text())
+    assert rl["policy"] == str(policy.resolve())
+    assert distill["teacher"] == os.path.abspath(rl["arms"]["taxonomy"]["export"])  # each stage from the last's export
+    assert distill["variant"] == "lens-turbo"
+    md = (out / "report.md").read_text()
+    assert md.index("## rl") < md.index("## distill")
+
+
+def test_the_lifecycle_takes_a_policy_or_a_teacher_not_both(tmp_path, capsys):
+    policy = tmp_path / "policy"
+    build_model(build_config(True)).save_pretrained(str(policy / "transformer"))
+    assert main(["--policy", str(policy), "--teacher", str(policy), "--out", str(tmp_path / "out")]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("teacher, expected", [("absent", "--teacher {} does not exist"),

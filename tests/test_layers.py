@@ -17,7 +17,7 @@ FLOORS = [
                         "lens_fast.image_metadata"]),
     ("models", ["lens_fast.models"]),
     ("components", ["lens_fast.vae", "lens_fast.text_encoder", "lens_fast.quant", "lens_fast.tiny",
-                    "lens_fast.testing", "lens_fast.reasoner"]),
+                    "lens_fast.testing", "lens_fast.reasoner", "lens_fast.rl"]),
     ("engine", ["lens_fast.engine"]),
     ("pipeline", ["lens_fast.pipeline", "lens_fast"]),
     ("train", ["lens_fast.train"]),

@@ -200,3 +200,16 @@ def test_atomic_writes_never_leave_a_torn_or_missing_target(tmp_path, monkeypatc
         with pytest.raises(StorageError):
             atomic.save_image(Image.new("RGB", (64, 64)), str(tmp_path / "img.png"))
     assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp makes 0600 files; a written output must be readable as a plain open() would
+    leave it (0666 less the umask), e.g. by the group that shares a run folder."""
+    from lens_fast.atomic import write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_text(str(tmp_path / "a.json"), "{}")
+    with open(tmp_path / "b.json", "w") as f:
+        f.write("{}")
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == os.stat(tmp_path / "b.json").st_mode & 0o777 == 0o666 & ~mask

@@ -10,7 +10,8 @@ from lens_fast.chat_api import ChatEndpoint
 from lens_fast.chat_server import LocalChatServer
 from lens_fast.rl.judge import RubricJudge, parse_judgement
 from lens_fast.rl.prompts import build_prompt_set, load_taxonomy, write_prompt_set
-from lens_fast.rl.rewards import RewardError, ShapeEvalReward, WeightedReward
+from lens_fast.rl.rewards import RewardError, WeightedReward
+from lens_fast.toy.reward import ShapeEvalReward
 from lens_fast.toy import render_scene, rewrite_scene
 
 HANDLER = "lens_fast.toy.judge:answer"

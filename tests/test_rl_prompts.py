@@ -9,7 +9,7 @@ import pytest
 from lens_fast.cli import main as cli
 from lens_fast.rl.prompts import (PromptSetError, build_prompt_set, coverage, load_prompt_set, load_taxonomy,
                                   write_prompt_set)
-from lens_fast.rl.rewards import ShapeEvalReward
+from lens_fast.toy.reward import ShapeEvalReward
 from lens_fast.toy import (BACKGROUNDS, CLASSES, COLORS, HELDOUT_COLOR_CLASS, HELDOUT_LAYOUTS, RELATIONS, parse_prompt,
                            render_scene, rewrite_scene)
 from lens_fast.toy.judge import judge_item

@@ -7,7 +7,8 @@ import os
 import pytest
 from PIL import Image
 
-from lens_fast.toy.demo import TAG_ORDER, build_config, build_model, main
+from lens_fast.toy.demo import TAG_ORDER, build_config, build_model
+from lens_fast.toy.demo_cli import main
 from lens_fast.toy.rl_stage import main as stage_main
 
 

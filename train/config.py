@@ -154,7 +154,7 @@ class RLConfig:
     rewards: Dict[str, float] = field(default_factory=lambda: {"judge": 1.0})  # name -> weight: judge, shapeeval
     judge_env: str = "LENS_JUDGE"  # the judge endpoint: {judge_env}_BASE_URL, _MODEL, _API_KEY
     judge_options: Dict[str, Any] = field(default_factory=dict)  # ChatEndpoint settings: timeout_s, max_retries...
-    rewrite: Optional[str] = None  # prompt rewriter before the text encoder: None or "toy" (the toy world's)
+    rewrite: Optional[str] = None  # prompt rewriter before the text encoder: None, "toy" (the toy world's) or package.module:function
     prompts_per_step: int = 16  # G: prompts (groups) per step, over all ranks
     images_per_prompt: int = 8  # K: rollouts per prompt, normalised within the group
     height: int = 1024
@@ -342,13 +342,16 @@ class TrainConfig:
                 isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in r.rewards.values()):
             raise ConfigError(f"rl.rewards={r.rewards!r}: expected a mapping of reward names to positive weights, "
                               "e.g. {judge: 1.0} or {shapeeval: 1.0}")
+        unknown = [n for n in r.rewards if n not in ("shapeeval", "judge") and ":" not in str(n)]
+        if unknown:
+            raise ConfigError(f"rl.rewards has {unknown}; expected 'shapeeval', 'judge' or 'package.module:factory'")
         flat_rate_cap = r.old_decay
         if (not isinstance(flat_rate_cap, (list, tuple)) or len(flat_rate_cap) != 3
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in flat_rate_cap)
                 or not flat_rate_cap[2] < 1):
             raise ConfigError(f"rl.old_decay={flat_rate_cap!r}: expected [flat steps, rate, cap] >= 0 with cap < 1")
-        if r.rewrite not in (None, "toy"):
-            raise ConfigError(f"rl.rewrite={r.rewrite!r}: expected null or toy")
+        if r.rewrite not in (None, "toy") and (not isinstance(r.rewrite, str) or ":" not in r.rewrite):
+            raise ConfigError(f"rl.rewrite={r.rewrite!r}: expected null, toy or package.module:function")
         for key in ("rollout_dtype", "frozen_dtype"):
             if getattr(r, key) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"rl.{key}={getattr(r, key)!r}: expected float32, bfloat16 or float16")

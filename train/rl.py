@@ -17,6 +17,7 @@ then the old policy's soft update.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from functools import partial
@@ -36,7 +37,7 @@ from .loss import step_generator
 from .nft import group_advantages, nft_loss, old_decay, optimality, policy_velocity, soft_update
 from .parallel import dtype_of, local, reshard
 from .recipe import Recipe
-from .rollout import PromptSource, RolloutSampler, rollout_noise, toy_rewrite
+from .rollout import PromptSource, RolloutSampler, named_rewrite, rollout_noise
 
 TRAIN_TIMES, TRAIN_NOISE = 33, 34  # generator streams of the training times and noise (per rollout image)
 
@@ -117,7 +118,7 @@ class RLRecipe(Recipe):
         self.sampler = RolloutSampler(old, trainer.model_config, r.fast_rollouts, dtype_of(r.rollout_dtype),
                                       trainer.device)
         if self.reward is None:
-            from lens_fast.rl.rewards import build_reward
+            from lens_fast.rl.registry import build_reward
 
             cache = os.path.join(trainer.run_dir, "judge_cache") if trainer.run_dir else None
             self.reward = build_reward(r.rewards, r.judge_env, cache, r.judge_options)
@@ -127,14 +128,13 @@ class RLRecipe(Recipe):
         from .builders import build_image_encoder, build_text_encoder
 
         cfg = trainer.cfg
-        if cfg.encoders.text_encoder == "minilm":
-            from lens_fast.toy.text import MiniLMTextEncoder
-
-            encoder = MiniLMTextEncoder(trainer.model_config["selected_layer_index"])
+        if cfg.encoders.text_encoder == "minilm":  # the toy world's encoder, loaded by name (a floor above)
+            toy_text = importlib.import_module("lens_fast.toy.text")
+            encoder = toy_text.MiniLMTextEncoder(trainer.model_config["selected_layer_index"])
         else:
             encoder = build_text_encoder(cfg, trainer.model_config, trainer.device)
         return PromptSource(self.records, encoder, cfg.rl.prompts_per_step, cfg.train.seed,
-                            toy_rewrite if cfg.rl.rewrite == "toy" else None, cfg.rl.max_text_tokens,
+                            named_rewrite(cfg.rl.rewrite), cfg.rl.max_text_tokens,
                             build_image_encoder(cfg, trainer.device))
 
     # -- one step -------------------------------------------------------------------------

@@ -9,12 +9,14 @@ resume: nothing but the step count needs saving.
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from lens_fast.errors import InvalidValue
 from lens_fast.models.transformer import LensTransformer2DModel
 from lens_fast.pipeline import LensPipeline
 
@@ -98,11 +100,17 @@ class PromptSource:
                              f"{self.digest}. Resume with the same rl.prompts or use a new --out")
 
 
-def toy_rewrite(prompt: str, rng: np.random.Generator) -> str:
-    """The toy world's rewriter (``rl.rewrite: toy``): the prompt as a layout caption."""
-    from lens_fast.toy.rewrite import rewrite_prompt
-
-    return rewrite_prompt(prompt, rng, style="layout")
+def named_rewrite(name: Optional[str]) -> Optional[Callable[[str, np.random.Generator], str]]:
+    """The rewriter a config names (``rl.rewrite``): None (prompts as written), ``toy`` (the
+    toy world's: ``lens_fast.toy.rewrite.layout_rewrite``, loaded by name as it lives a floor
+    above the trainer) or ``package.module:function`` taking (prompt, numpy Generator)."""
+    if not name:
+        return None
+    module, _, attr = ("lens_fast.toy.rewrite:layout_rewrite" if name == "toy" else name).partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise InvalidValue(f"rl.rewrite={name!r}: expected 'toy' or 'package.module:function' ({e})") from None
 
 
 def rollout_noise(seed: int, step: int, first: int, count: int, shape, device) -> torch.Tensor:

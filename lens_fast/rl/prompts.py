@@ -31,7 +31,6 @@ items in a small fixed grammar ("there is a red cat", "there are exactly three c
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -42,6 +41,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import yaml
 
+from ..cli_checks import OneLineParser
+from ..errors import CorruptFile, InvalidValue, MissingFile, OutputExists, run_cli
+
 KIND_TAGS = {"object": "single_object", "two_objects": "two_object", "count": "counting", "attribute": "colors",
              "relation": "position", "attribute_binding": "color_attr"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine",
@@ -49,7 +51,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 
 TOY_TAXONOMY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "taxonomy.yaml")
 
 
-class PromptSetError(ValueError):
+class PromptSetError(CorruptFile):
     """A taxonomy or prompt set that cannot be used; the message names the file and what is wrong."""
 
 
@@ -72,7 +74,7 @@ def load_taxonomy(path: str) -> dict:
     """Read and check a taxonomy file (``toy``: the toy world's); one clear error otherwise."""
     path = TOY_TAXONOMY if path == "toy" else path
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"taxonomy {path} does not exist (or pass --taxonomy toy)")
+        raise MissingFile(f"taxonomy {path} does not exist (or pass --taxonomy toy)")
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
@@ -340,7 +342,7 @@ def coverage_lines(report: dict) -> List[str]:
 # -- files -----------------------------------------------------------------------------------
 def write_prompt_set(path: str, records: Sequence[dict]) -> str:
     if os.path.exists(path):
-        raise FileExistsError(f"{path} already exists; choose a new file (a prompt set is never overwritten)")
+        raise OutputExists(f"{path} already exists; choose a new file (a prompt set is never overwritten)")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -355,7 +357,7 @@ def load_prompt_set(path: str) -> List[dict]:
     a list of "rubric" items and a "metadata" mapping); one clear error for a missing,
     empty or malformed file, naming the line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt set {path} does not exist (build one with lens-fast rl-prompts)")
+        raise MissingFile(f"prompt set {path} does not exist (build one with lens-fast rl-prompts)")
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -393,8 +395,16 @@ def prompt_set_digest(records: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
+PROG = "lens-fast rl-prompts"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="lens-fast rl-prompts", description="Build a taxonomy-driven RL prompt set "
+    """Returns the exit status (2 with one line for bad input, before any work)."""
+    return run_cli(PROG, _main, list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: List[str]) -> int:
+    p = OneLineParser(prog=PROG, description="Build a taxonomy-driven RL prompt set "
                                 "(each prompt with its rubric items) and report its coverage.")
     p.add_argument("--taxonomy", required=True, help="a taxonomy YAML/JSON file, or 'toy' (the toy world's)")
     p.add_argument("--out", help="the prompt set to write (JSONL; never overwritten); without it: coverage only")
@@ -404,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--coverage", help="also write the coverage report (JSON) here")
     args = p.parse_args(argv)
     if not args.scale > 0:
-        raise ValueError(f"--scale {args.scale}: expected a positive number")
+        raise InvalidValue(f"--scale {args.scale}: expected a positive number")
     tax = load_taxonomy(args.taxonomy)
     records = build_prompt_set(tax, args.seed, args.kinds, args.scale)
     report = coverage(records, tax)

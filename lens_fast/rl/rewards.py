@@ -8,10 +8,11 @@ A reward is anything with a ``name`` and::
 where ``metadata[i]`` is image i's prompt record (``lens_fast.rl.prompts``: its
 "rubric" items, "global_rule" and GenEval-style "metadata"). ``WeightedReward``
 combines rewards with weights (score = sum of weight x score; items prefixed by the
-reward's name). ``checked`` refuses NaN / inf scores, naming the prompt. Built in:
-``ShapeEvalReward`` (the toy world: GenEval items checked by ShapeEval's segmentation,
-plus a clean-image rule) and ``lens_fast.rl.judge.RubricJudge`` (a VLM behind an
-OpenAI-compatible endpoint scoring the rubric items and the global rule).
+reward's name). ``checked`` refuses NaN / inf scores, naming the prompt. Built in
+(``lens_fast.rl.registry.build_reward`` builds them from a config):
+``lens_fast.rl.judge.RubricJudge`` (a VLM behind an OpenAI-compatible endpoint scoring the
+rubric items and the global rule) and, for the toy world, ``lens_fast.toy.reward.ShapeEvalReward``
+(GenEval items checked by ShapeEval's segmentation, plus a clean-image rule).
 """
 from __future__ import annotations
 
@@ -74,54 +75,3 @@ class WeightedReward:
                 if r.detail:
                     out.detail = f"{out.detail}; {r.detail}" if out.detail else r.detail
         return checked(self.name, total, prompts)
-
-
-class ShapeEvalReward:
-    """The toy world's reward: ShapeEval's detections checked against each prompt's
-    GenEval-style metadata item by item (objects with class, colour and count; exact
-    counts; positions; the background when named) plus the toy's global rule
-    (``shapeeval.clean_image``: no rejected regions, an even background).
-    Score: the fraction of items met, or with ``strict`` 1 when all are (GenEval's)."""
-
-    name = "shapeeval"
-
-    def __init__(self, strict: bool = False, clean_rule: bool = True):
-        self.strict, self.clean_rule = strict, clean_rule
-
-    def score(self, images, prompts: Sequence[str], metadata: Sequence[dict]) -> List[RewardResult]:
-        from lens_fast.toy.shapeeval import clean_image, detect_objects, rubric_checks
-
-        out = []
-        for image, prompt, record in zip(images, prompts, metadata):
-            meta = record.get("metadata", record)
-            objects, info = detect_objects(image)
-            checks = rubric_checks(objects, meta, info["background"])
-            if self.clean_rule:
-                checks.append(("clean", *clean_image(info)))
-            items = {name: float(ok) for name, ok, _ in checks}
-            values = list(items.values())
-            score = float(all(values)) if self.strict else sum(values) / len(values)
-            out.append(RewardResult(score, items, "; ".join(w for _, ok, w in checks if not ok) or None))
-        return out
-
-
-def build_reward(weights: Dict[str, float], judge_env: str = "LENS_JUDGE", cache_dir: Optional[str] = None,
-                 judge_options: Optional[dict] = None):
-    """The reward of a config's ``rl.rewards`` ({name: weight}): ``shapeeval`` and / or
-    ``judge`` (``RubricJudge`` on the endpoint in {judge_env}_BASE_URL / _MODEL / _API_KEY
-    with the ``ChatEndpoint`` settings ``judge_options``, answers cached in ``cache_dir``)."""
-    known = ("shapeeval", "judge")
-    parts = []
-    for name, w in weights.items():
-        if name == "shapeeval":
-            parts.append((ShapeEvalReward(), float(w)))
-        elif name == "judge":
-            from lens_fast.chat_api import ChatEndpoint
-
-            from .judge import RubricJudge
-
-            endpoint = ChatEndpoint.from_env(judge_env, **(judge_options or {}))
-            parts.append((RubricJudge(endpoint, cache_dir=cache_dir), float(w)))
-        else:
-            raise ValueError(f"rl.rewards has {name!r}; expected names from {list(known)}")
-    return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedReward(parts)

@@ -1,5 +1,5 @@
 """``lens-fast demo``: the command line of the built-in demo (``lens_fast.toy.demo``), its
-ablations and the lifecycle (``--lifecycle``: pre-train, then distil; lens_fast.toy.lifecycle).
+ablations and the lifecycle (``--lifecycle``: pre-train, RL, then distil; lens_fast.toy.lifecycle).
 A module of its own so the demo's library code and the stages built on it import nothing
 back."""
 from __future__ import annotations
@@ -33,14 +33,14 @@ def _main(argv: List[str]) -> int:
     p.add_argument("--steps", type=integer(1, 10 ** 6), help="training steps (default 1800; 120 with --quick)")
     p.add_argument("--threads", type=integer(1, 1024), default=DemoConfig.threads,
                    help="CPU threads for training and sampling (the result depends on it, not on the machine)")
-    p.add_argument("--lifecycle", action="store_true", help="pre-train, then distil the exported model into a "
-                                                            "4-step Turbo and score both (lens_fast.toy.lifecycle)")
+    p.add_argument("--lifecycle", action="store_true", help="pre-train, RL post-train, then distil the RL model "
+                                                            "into a 4-step Turbo, each stage scored (lens_fast.toy.lifecycle)")
     args = p.parse_args(argv)
     if args.ablation == "narrow" and not args.rl:
         raise InvalidValue("--ablation narrow compares two RL prompt sets: give --rl FOLDER (a demo model folder)")
     if args.lifecycle and args.ablation:
         raise InvalidValue(f"--lifecycle with --ablation {args.ablation}: choose one (the lifecycle pre-trains the "
-                           "default model, then distils it)")
+                           "default model, post-trains it with RL, then distils it)")
     check_output_folder(args.out, "--out")
     overrides = {"seed": args.seed, "threads": args.threads}
     if args.steps is not None:

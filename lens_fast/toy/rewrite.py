@@ -128,3 +128,8 @@ def rewrite_prompt(prompt: str, seed: int | np.random.Generator = 0, max_words: 
         raise ValueError(f"style={style!r}; expected 'dense' or 'layout'")
     scene = rewrite_scene(prompt, seed, backgrounds, sizes)
     return dense_caption(scene, max_words=max_words) if style == "dense" else layout_caption(scene)
+
+
+def layout_rewrite(prompt: str, rng: np.random.Generator) -> str:
+    """The toy world's rewriter for RL rollouts (``rl.rewrite: toy``): the prompt as a layout caption."""
+    return rewrite_prompt(prompt, rng, style="layout")
