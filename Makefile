@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # default they ran many times slower whenever another process shared the cores (README, Reliability).
 TEST_ENV := HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: venv venv-latest demo test test-fast test-dali test-latest lock gpu-check
+.PHONY: venv venv-latest demo test test-fast test-dali test-latest lock gpu-check diffusers-parity
 
 # $(1): venv folder; $(2): the pip spec to install pip itself; $(3): flags for lens_fast's install.
 # PIP_CONSTRAINT (not -c) so the pins reach pip's isolated build environment (setuptools) too.
@@ -75,3 +75,13 @@ lock: test-latest
 
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
+
+# diffusers' two Lens test files run against diffusers' classes and against lens_fast's (only the
+# import changed); DIFFUSERS=<checkout at the Lens commit> runs offline, else the commit is downloaded.
+DIFFUSERS ?=
+PARITY_OUT ?= diffusers_parity.md
+diffusers-parity:
+	LENS_FAST_SKIP_CUDA_BUILD=1 PIP_CONSTRAINT=$(CONSTRAINTS) $(VENV)/bin/python -m pip --disable-pip-version-check -q \
+	    install -e ".[diffusers-tests]"
+	$(VENV)/bin/python bench/diffusers_parity.py $(if $(DIFFUSERS),--diffusers $(DIFFUSERS),--download) \
+	    --out $(PARITY_OUT)

@@ -156,7 +156,7 @@ def official_random_pipeline(device, dtype, text_encoder: bool) -> LensPipeline:
         # The tiny harmony tokenizer: same template structure, ids valid in the big vocab.
         te = LensTextEncoder(lm, build_tiny_tokenizer(), transformer.config.selected_layer_index,
                              template_date="2025-01-01")
-    return LensPipeline(transformer, LensVAE(vae), te, SCHEDULER, variant="lens")
+    return LensPipeline(SCHEDULER, LensVAE(vae), te, transformer=transformer)
 
 
 def tiny_pipeline(folder: str, text_encoder: bool, dtype) -> LensPipeline:
@@ -217,7 +217,7 @@ def run_case(pipe, args, impl: str, variant: str, height: int, width: int, salt:
     device, model = args.device, pipe.transformer
     n_img = (height // 16) * (width // 16)
     feats = None
-    if pipe.text_encoder is None:
+    if pipe.prompt_encoder is None:
         g = torch.Generator().manual_seed(0)
         s = args.prompt_tokens
         feats = [torch.randn(1, s, model.config.enc_hidden_dim, generator=g).to(device, args.dtype)
@@ -319,13 +319,13 @@ def main(argv=None) -> int:
     else:
         pipe = official_random_pipeline(args.device, args.dtype, not args.no_text_encoder)
     if args.no_text_encoder:
-        pipe.text_encoder = None
+        pipe.text_encoder = pipe.prompt_encoder = None
     pipe.set_progress_bar_config(disable=True)
     original = pipe.transformer
     rows, salt = [], [0]
     for impl in args.impls:
         set_impl(pipe, impl, args, original)
-        offloading = impl.startswith("lens_fast") and pipe.text_encoder is not None and args.offload != "none"
+        offloading = impl.startswith("lens_fast") and pipe.prompt_encoder is not None and args.offload != "none"
         if offloading:
             enable_text_encoder_offload(pipe, mode=args.offload)
         for variant in args.variants:
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
 
         config = dict(device=str(args.device), device_name=device_name, dtype=str(args.dtype), torch=torch.__version__,
                       triton=triton.__version__, tiny=args.tiny, checkpoint=args.checkpoint,
-                      text_encoder=pipe.text_encoder is not None, resolutions=args.resolutions,
+                      text_encoder=pipe.prompt_encoder is not None, resolutions=args.resolutions,
                       variants={v: VARIANTS[v] for v in args.variants}, repeats=args.repeats,
                       prompt_tokens=args.prompt_tokens, compile_backend=args.compile_backend,
                       compile_mode=args.compile_mode, fast_compile_mode=args.fast_compile_mode,

@@ -104,7 +104,7 @@ def build_pipeline(args, device, dtype):
                 param.normal_(0.0, 0.02)
     model = model.to(dtype).eval()
     # The VAE is never run here (the step ends at the latents); the tiny one keeps it cheap.
-    pipe = LensPipeline(model, LensVAE(make_tiny_vae(0).to(device, dtype)), None, SCHEDULER)
+    pipe = LensPipeline(SCHEDULER, LensVAE(make_tiny_vae(0).to(device, dtype)), transformer=model)
     pipe.set_progress_bar_config(disable=True)
     return pipe, config
 
@@ -153,7 +153,7 @@ def main(argv=None):
     pipe, config = build_pipeline(args, device, dtype)
     engine = enable_fast_path(pipe, compile=not args.no_compile, cuda_graphs=args.cuda_graphs,
                               compile_mode=args.compile_mode)
-    grid = pipe.vae.latent_grid(args.height, args.width)
+    grid = pipe.latent_codec.latent_grid(args.height, args.width)
     latents, feats, mask = step_inputs(pipe.transformer, args, device, dtype, grid)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -93,7 +93,8 @@ def cmd_generate(args) -> int:
     from .pipeline import LensPipeline
 
     pipe = LensPipeline.from_pretrained(args.model, torch_dtype=args.dtype, device=args.device,
-                                        template_date=args.template_date, quantization=args.quantization)
+                                        template_date=args.template_date, quantization=args.quantization,
+                                        lens_defaults=True)  # the CLI: the variant's recommended steps/guidance
     reasoning.attach(pipe)
     if args.fast:
         pipe.enable_fast_path()

@@ -1,51 +1,48 @@
 """LensPipeline: prompt -> image with the reference's arguments and numbers.
 
-Loads an official diffusers-format folder (``model_index.json`` + ``transformer/``,
-``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``). Sampling follows the
-reference exactly: empirical-mu exponential shift, Euler with the step computed in
-float32, CFG as one [cond; uncond] batch with the per-token norm rescale, the empty
+A diffusers ``DiffusionPipeline`` with diffusers' ``LensPipeline`` constructor
+(``scheduler, vae, text_encoder, tokenizer, transformer``: diffusers' component classes or
+lens_fast's ``LensVAE`` / ``LensTextEncoder``), ``components``, ``to``, offloading hooks,
+and ``from_pretrained`` / ``save_pretrained`` (``pipeline_loading``). Sampling follows the
+reference exactly: the scheduler's own ``set_timesteps(sigmas=linspace(1, 1/n, n), mu=
+empirical mu)`` and ``step`` (so any ``FlowMatchEulerDiscreteScheduler`` config is honoured
+as there), CFG as one [cond; uncond] batch with the per-token norm rescale, the empty
 negative prompt as zero features with an all-False mask. ``guidance_scale == 1`` runs
-only the cond half (the rescaled combination equals cond exactly).
+only the cond half (the rescaled combination equals cond exactly). Calls that give no
+steps / guidance use diffusers' 50 / 4.0; ``pipe.use_recommended_defaults()`` (or
+``lens_defaults=True``) switches to the Lens variant's recommended settings.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
 
 from . import engine as fast_path
+from .errors import InvalidValue
 from .images import OUTPUT_TYPES, decoded_to_output
-from .errors import InvalidValue, MissingFile
 from .lora import LoraLoaderMixin
-from .models.config import read_json
-from .models.loading import check_component_files, resolve_dtype
-from .models.transformer import LensTransformer2DModel
+from .pipeline_loading import COMPONENTS, VARIANT_DEFAULTS, LensPipelineLoading, detect_variant  # noqa: F401 (re-export)
 from .resolutions import resolve_resolution
-from .sampling import cfg_combine, lens_sigmas
+from .sampling import cfg_combine, compute_empirical_mu
+from .text_encoder import LensTextEncoder
 from .vae import LensVAE
 
-# Recommended settings per variant: (steps, guidance).
-VARIANT_DEFAULTS = {"lens": (20, 5.0), "lens-turbo": (4, 1.0), "lens-base": (20, 5.0)}
+# diffusers' LensPipeline call defaults (steps, guidance); pipe.recommended holds Lens's.
+DIFFUSERS_DEFAULTS = (50, 4.0)
+# The official Lens scheduler config (microsoft/Lens scheduler/scheduler_config.json): used
+# when a pipeline is built without a scheduler.
+LENS_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 4096,
+                  "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0, "shift_terminal": None,
+                  "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+                  "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False}
+
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds", "noise_pred")
-
-
-def detect_variant(folder: str) -> str:
-    """The variant of a checkpoint folder (a root or its transformer/): ``_lens_variant``
-    in ``model_index.json`` (written by lens_fast's exports), else "lens-turbo" when the
-    folder's name says turbo (``microsoft/Lens-Turbo``), else "lens"."""
-    folder = os.path.normpath(os.fspath(folder))
-    root = os.path.dirname(folder) if os.path.basename(folder) == "transformer" else folder
-    index_path = os.path.join(root, "model_index.json")
-    variant = read_json(index_path).get("_lens_variant") if os.path.isfile(index_path) else None
-    if variant is None:
-        variant = "lens-turbo" if "turbo" in os.path.basename(root).lower() else "lens"
-    if variant not in VARIANT_DEFAULTS:
-        raise InvalidValue(f"{index_path}: _lens_variant={variant!r}; expected one of {sorted(VARIANT_DEFAULTS)}")
-    return variant
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -60,7 +57,9 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
 
 
 @dataclass
-class LensPipelineOutput:
+class LensPipelineOutput(BaseOutput):
+    """diffusers' output: ``out.images``, ``out[0]``, ``out["images"]``, ``out.to_tuple()``."""
+
     images: Any
     prompts: Optional[List[str]] = None  # what was encoded, one per request: the rewrites with reason=True
     rewrites: Optional[list] = None  # with reason=True: a lens_fast.reasoner.Rewrite per request
@@ -95,9 +94,66 @@ def _align(pos: List[torch.Tensor], pos_mask: torch.Tensor, neg: List[torch.Tens
     return (*pad(pos, pos_mask), *pad(neg, neg_mask))
 
 
-class LensPipeline(LoraLoaderMixin):
-    """Text-to-image with Lens. Build with :meth:`from_pretrained` or from components.
+def _split_vae(vae):
+    """(the module diffusers sees as ``vae``, lens_fast's latent codec: ``latent_grid``,
+    ``decode(tokens, h, w)``, ``spatial_factor``)."""
+    if vae is None:
+        return None, None
+    if isinstance(vae, LensVAE):
+        return vae.vae, vae
+    if hasattr(vae, "latent_grid"):  # a codec of lens_fast's own (train.data.PixelSpace)
+        return vae, vae
+    if hasattr(vae, "bn") and hasattr(vae, "decode"):  # diffusers' AutoencoderKLFlux2
+        return vae, LensVAE(vae)
+    raise InvalidValue(f"vae is a {type(vae).__name__}; expected diffusers' AutoencoderKLFlux2 or lens_fast's LensVAE")
 
+
+def _split_text_encoder(text_encoder, tokenizer, selected_layers):
+    """(text_encoder module, tokenizer, lens_fast prompt encoder with ``encode``)."""
+    if text_encoder is None:
+        return None, tokenizer, None
+    if not isinstance(text_encoder, torch.nn.Module) and hasattr(text_encoder, "encode"):
+        # lens_fast's LensTextEncoder (or another encode(prompts) -> (features, mask) encoder)
+        return getattr(text_encoder, "model", text_encoder), getattr(text_encoder, "tokenizer", tokenizer), text_encoder
+    if hasattr(text_encoder, "set_selected_layers"):  # diffusers' LensGptOssEncoder, as its pipeline does
+        text_encoder.set_selected_layers(list(selected_layers))
+    if tokenizer is None:
+        return text_encoder, None, None
+    return text_encoder, tokenizer, LensTextEncoder(text_encoder, tokenizer, selected_layers)
+
+
+def _check_fast_path_servable(pipe) -> None:
+    """One clear line for what diffusers can set up and the engine does not run: offload
+    hooks, attention processors other than lens_fast's, layerwise casting (all of them run
+    on the reference path)."""
+    from .models.processors import LensAttnProcessor
+
+    hooked = [n for n, m in pipe.components.items() if isinstance(m, torch.nn.Module) and hasattr(m, "_hf_hook")]
+    if hooked:
+        raise InvalidValue(f"the fast path cannot run with accelerate offload hooks (on {hooked}); call "
+                           "pipe.remove_all_hooks() first or stay on the reference path")
+    custom = sorted({type(p).__name__ for p in pipe.transformer.attn_processors.values()
+                     if not isinstance(p, LensAttnProcessor)})
+    if custom:
+        raise InvalidValue(f"the fast path runs lens_fast's own attention; the transformer has attention processor(s) "
+                           f"{custom}: they run on the reference path (or reset with set_default_attn_processor())")
+    if any(getattr(m, "_diffusers_hook", None) is not None for m in pipe.transformer.modules()):
+        raise InvalidValue("the fast path does not run diffusers hooks on the transformer (layerwise casting, group "
+                           "offloading): they run on the reference path")
+
+
+def _plain_euler(scheduler) -> bool:
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and not scheduler.config.stochastic_sampling
+
+
+class LensPipeline(LoraLoaderMixin, LensPipelineLoading, DiffusionPipeline):
+    """Text-to-image with Lens: diffusers' ``LensPipeline`` API, lens_fast's engine.
+
+    ``LensPipeline(scheduler, vae, text_encoder, tokenizer, transformer)`` as in diffusers
+    (``scheduler`` may also be a config dict or None for the official Lens config; ``vae``
+    a ``LensVAE``; ``text_encoder`` a ``LensTextEncoder``, which brings its tokenizer).
+    ``prompt_encoder``: the ``LensTextEncoder`` that encodes prompts (chat template, fixed
+    ``template_date``, prompt cache). ``latent_codec``: the ``LensVAE`` around ``vae``.
     ``engine``: the inference engine (``lens_fast.engine.LensEngine``) once
     ``enable_fast_path`` switched it on; ``denoise`` and ``postprocess`` hand over to it.
     ``text_encoding``: the prompt cache / text-encoder offload (``lens_fast.engine.text``)
@@ -105,82 +161,73 @@ class LensPipeline(LoraLoaderMixin):
     LoRA adapters: ``load_lora_weights`` and the rest of diffusers' LoRA methods
     (``lens_fast.lora.LoraLoaderMixin``)."""
 
-    def __init__(self, transformer: LensTransformer2DModel, vae, text_encoder=None, scheduler_config=None,
-                 variant: str = "lens", reasoner=None):
-        if variant not in VARIANT_DEFAULTS:
-            raise ValueError(f"variant={variant!r}; expected one of {sorted(VARIANT_DEFAULTS)}")
-        self.transformer = transformer
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.scheduler_config = dict(scheduler_config or {})
-        self.variant = variant
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = list(CALLBACK_TENSORS)
+
+    def __init__(self, scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None, *,
+                 lens_variant: str = "lens", reasoner=None, lens_defaults: bool = False):
+        super().__init__()
+        if lens_variant not in VARIANT_DEFAULTS:
+            raise InvalidValue(f"lens_variant={lens_variant!r}; expected one of {sorted(VARIANT_DEFAULTS)}")
+        if scheduler is None or isinstance(scheduler, dict):
+            config = {k: v for k, v in (scheduler or LENS_SCHEDULER).items() if not k.startswith("_")}
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        elif not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "step"):
+            raise InvalidValue(f"scheduler is a {type(scheduler).__name__}; expected a diffusers scheduler "
+                               "(FlowMatchEulerDiscreteScheduler), a config dict or None")
+        vae, codec = _split_vae(vae)
+        # Without a transformer (a pipeline that only encodes prompts) layer 0, as diffusers' Lens does.
+        layers = transformer.config.selected_layer_index if transformer is not None else [0]
+        text_encoder, tokenizer, prompt_encoder = _split_text_encoder(text_encoder, tokenizer, layers)
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", 0) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer is not None and hasattr(tokenizer, "padding_side"):
+            tokenizer.padding_side = "right"
+        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+        self.latent_codec = codec
+        self.prompt_encoder = prompt_encoder
+        self.lens_variant = lens_variant
+        self.lens_defaults = bool(lens_defaults)
         self.reasoner = reasoner  # a lens_fast.reasoner.Reasoner: rewrites requests when called with reason=True
+        self.vae_scale_factor = codec.spatial_factor if codec is not None else 16
+        self.latent_channels = transformer.config.in_channels if transformer is not None else None
         self.default_sample_size = 1024
-        self._progress = {}
         self.engine = None
         self.text_encoding = None
 
-    # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str, torch_dtype=None, device="cpu", variant: Optional[str] = None,
-                        template_date: Optional[str] = None, text_encoder_dtype=None,
-                        quantization: Optional[str] = None, reasoner=None):
-        """Load every component of a checkpoint folder. ``variant`` (lens, lens-turbo,
-        lens-base) sets the recommended steps/guidance; by default it is read from
-        ``model_index.json`` (``_lens_variant``) or the folder name. ``quantization="fp8"``
-        turns on the opt-in FP8 linear layers (``lens_fast.quant``). ``reasoner``: a
-        ``lens_fast.reasoner.Reasoner``, or "local" / "api" for one with the default system
-        prompt (``lens_fast.reasoner.build_reasoner`` takes the other options)."""
-        if quantization not in (None, "fp8"):
-            raise InvalidValue(f"quantization={quantization!r}; expected None or 'fp8'")
-        folder = os.fspath(folder)
-        index_path = os.path.join(folder, "model_index.json")
-        if not os.path.isfile(index_path):
-            raise MissingFile(f"{folder} is not a Lens checkpoint folder: model_index.json is missing")
-        index = read_json(index_path)
+    def _get_signature_keys(cls, obj):
+        """diffusers reads a pipeline's components off its constructor's required
+        arguments; here they may be omitted (None: no text encoder, the Lens scheduler),
+        and they are still the five components."""
+        return sorted(COMPONENTS), ["lens_defaults", "lens_variant", "reasoner"]
 
-        def present(name):
-            entry = index.get(name)
-            return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+    @property
+    def variant(self) -> str:
+        """The Lens variant ("lens", "lens-turbo", "lens-base"): picks ``recommended``."""
+        return self.lens_variant
 
-        components = ("transformer", "vae", "scheduler") + (("text_encoder", "tokenizer") if present("text_encoder")
-                                                             else ())
-        for name in components:
-            if not present(name):
-                raise InvalidValue(f"{index_path} has no {name} component; a Lens pipeline needs one")
-            if not os.path.isdir(os.path.join(folder, name)):
-                raise MissingFile(f"{folder} is missing the {name}/ folder named in model_index.json")
-        sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-        if not os.path.isfile(sched_path):
-            raise MissingFile(f"missing {sched_path}")
-        scheduler_config = read_json(sched_path)
-        check_component_files(folder, components)  # every component's files, before any of them loads
-        dtype = resolve_dtype(torch_dtype)
-        transformer = LensTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"),
-                                                             torch_dtype=dtype, device=device)
-        vae = LensVAE.from_pretrained(folder, "vae", torch_dtype=dtype, device=device)
-        text_encoder = None
-        if present("text_encoder"):
-            from .text_encoder import LensTextEncoder
-            text_encoder = LensTextEncoder.from_pretrained(
-                folder, transformer.config.selected_layer_index,
-                torch_dtype=resolve_dtype(text_encoder_dtype) or dtype, device=device, template_date=template_date)
-        if variant is None:
-            variant = detect_variant(folder)
-        if isinstance(reasoner, str):
-            from .reasoner import build_reasoner
+    @property
+    def recommended(self) -> Tuple[int, float]:
+        """Lens's recommended (steps, guidance) for this variant (Turbo: 4 / 1.0)."""
+        return VARIANT_DEFAULTS[self.lens_variant]
 
-            reasoner = build_reasoner(reasoner, text_encoder)
-        pipe = cls(transformer, vae, text_encoder, scheduler_config, variant=variant, reasoner=reasoner)
-        if quantization is not None:
-            from .quant import apply_quantization
+    @property
+    def call_defaults(self) -> Tuple[int, float]:
+        """(steps, guidance) of a call that gives none: diffusers' 50 / 4.0, or ``recommended``
+        after ``use_recommended_defaults()``."""
+        return self.recommended if self.lens_defaults else DIFFUSERS_DEFAULTS
 
-            apply_quantization(pipe, quantization)
-        return pipe
+    def use_recommended_defaults(self, enabled: bool = True) -> "LensPipeline":
+        """Calls without steps / guidance use ``recommended`` instead of diffusers' 50 / 4.0."""
+        self.lens_defaults = bool(enabled)
+        return self
 
     def enable_fast_path(self, **kwargs):
         """Switch to the inference engine (fused ops, compiled blocks, CUDA graphs);
         same arguments and results within bf16 noise. See ``lens_fast.engine``."""
+        _check_fast_path_servable(self)
         self.transformer.fuse_projections()  # w1|w3 as one GEMM; state-dict names unchanged
         return fast_path.enable_fast_path(self, **kwargs)
 
@@ -192,42 +239,32 @@ class LensPipeline(LoraLoaderMixin):
         streams it layer by layer, for GPUs smaller than the encoder)."""
         return fast_path.enable_text_encoder_offload(self, mode=mode)
 
-    def to(self, device=None, dtype=None):
-        dtype = resolve_dtype(dtype)
-        self.transformer.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=dtype)
-        if self.text_encoder is not None:
-            self.text_encoder.to(device)
-        return self
-
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """The transformer's device (where sampling runs); without one, diffusers' rule."""
+        return self.transformer.device if self.transformer is not None else super().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
-    def set_progress_bar_config(self, **kwargs):
-        self._progress.update(kwargs)
+        return self.transformer.dtype if self.transformer is not None else super().dtype
 
     @property
-    def recommended(self) -> Tuple[int, float]:
-        return VARIANT_DEFAULTS[self.variant]
+    def _progress(self) -> dict:
+        return {"disable": False, "leave": False, **getattr(self, "_progress_bar_config", {})}
 
     # -- text ---------------------------------------------------------------------------
     def _encode(self, prompts: List[str], max_sequence_length: int, device):
-        if self.text_encoder is None:
-            raise ValueError("this pipeline has no text encoder (model_index.json lists none); "
+        if self.prompt_encoder is None:
+            raise ValueError("this pipeline has no text encoder and tokenizer (model_index.json lists none); "
                              "pass prompt_embeds and prompt_mask instead of a prompt")
 
         def encode():
-            feats, mask = self.text_encoder.encode(prompts, max_sequence_length=max_sequence_length, device=device)
+            feats, mask = self.prompt_encoder.encode(prompts, max_sequence_length=max_sequence_length, device=device)
             return list(feats), mask.bool()
 
         if self.text_encoding is None:
             return encode()
-        return self.text_encoding(self.text_encoder, prompts, max_sequence_length, device, encode)
+        return self.text_encoding(self.prompt_encoder, prompts, max_sequence_length, device, encode)
 
     def encode_prompt(self, prompt, negative_prompt="", num_images_per_prompt: int = 1, prompt_embeds=None,
                       prompt_mask=None, negative_prompt_embeds=None, negative_prompt_mask=None,
@@ -235,7 +272,7 @@ class LensPipeline(LoraLoaderMixin):
         """Returns ``(prompt_embeds, prompt_mask, negative_prompt_embeds, negative_prompt_mask)``:
         per-layer feature lists [B*n, S, C] and bool masks [B*n, S]. An empty negative
         prompt gives zero features and an all-False mask (it is not encoded)."""
-        device = device or self.device
+        device = device or self._execution_device
         n = int(num_images_per_prompt)
         if n < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
@@ -286,47 +323,61 @@ class LensPipeline(LoraLoaderMixin):
             return resolve_resolution(base_resolution, aspect_ratio)
         height = self.default_sample_size if height is None else height
         width = self.default_sample_size if width is None else width
-        f = self.vae.spatial_factor
+        f = self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % f:
                 raise ValueError(f"{name}={v!r} must be a positive multiple of {f}")
         return height, width
+
+    def schedule(self, num_inference_steps: int, image_seq_len: int, mu: Optional[float] = None, device=None):
+        """(sigmas [n + 1], timesteps [n]) as diffusers' LensPipeline sets them: the
+        scheduler's ``set_timesteps(sigmas=linspace(1, 1/n, n), mu=empirical mu)``, so the
+        scheduler's config (shift, dynamic shifting, time-shift type, ...) is honoured.
+        ``mu`` (lens_fast's) replaces the empirical shift."""
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise InvalidValue(f"num_inference_steps={num_inference_steps!r}: expected a positive integer")
+        mu = compute_empirical_mu(image_seq_len, num_inference_steps) if mu is None else float(mu)
+        base = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        self.scheduler.set_timesteps(sigmas=base, device=device, mu=mu)
+        return self.scheduler.sigmas, self.scheduler.timesteps
 
     def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int, guidance_scale: float,
                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), extra=None,
                 mu: Optional[float] = None):
         """The sampling loop on token latents [B, N, C]; ``feats``/``mask`` hold the
         cond rows and, when CFG runs, the uncond rows after them. Runs on the engine when
-        the fast path is on."""
+        the fast path is on (with the scheduler's sigmas); else each step is the
+        scheduler's own ``step``."""
+        if self.engine is not None and not _plain_euler(self.scheduler):
+            raise InvalidValue(f"the fast path runs FlowMatchEulerDiscreteScheduler's deterministic Euler step; "
+                               f"this {type(self.scheduler).__name__} (stochastic_sampling="
+                               f"{getattr(self.scheduler.config, 'stochastic_sampling', None)}) runs on the reference "
+                               "path: call pipe.disable_fast_path()")
+        h, w = grid
+        sigmas, timesteps = self.schedule(num_inference_steps, h * w, mu, latents.device)
+        self._num_timesteps = len(timesteps)
         if self.engine is not None:
             return self.engine.denoise(latents, feats, mask, grid, num_inference_steps, guidance_scale,
-                                       callback_on_step_end, callback_on_step_end_tensor_inputs, extra, mu)
-        h, w = grid
+                                       callback_on_step_end, callback_on_step_end_tensor_inputs, extra,
+                                       schedule=(sigmas, timesteps))
         batch = latents.shape[0]
         use_cfg = guidance_scale != 1.0
-        sigmas, timesteps = lens_sigmas(num_inference_steps, h * w, device=latents.device, mu=mu)
         img_shapes = [(1, h, w)]
-        bar = tqdm(total=num_inference_steps, **{"disable": False, "leave": False, **self._progress})
-        for i, t in enumerate(timesteps):
-            x_in = latents.repeat(2, 1, 1) if use_cfg else latents
-            timestep = t.expand(x_in.shape[0]).to(latents.dtype) / 1000
-            out = self.transformer(hidden_states=x_in, encoder_hidden_states=feats, encoder_hidden_states_mask=mask,
-                                   timestep=timestep, img_shapes=img_shapes).sample
-            if use_cfg:
-                cond, uncond = out[:batch], out[batch:]
-                noise_pred = cfg_combine(cond, uncond, guidance_scale)
-            else:
-                noise_pred = out
-            # Scheduler step as the reference: float32 sample, (0-dim fp32 dt) * v in v's
-            # dtype, result cast back to the model output's dtype.
-            dt = sigmas[i + 1] - sigmas[i]
-            latents = (latents.to(torch.float32) + dt * noise_pred).to(noise_pred.dtype)
-            if callback_on_step_end is not None:
-                available = {"latents": latents, "noise_pred": noise_pred, **(extra or {})}
-                cb_out = callback_on_step_end(self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs})
-                latents = (cb_out or {}).pop("latents", latents)
-            bar.update()
-        bar.close()
+        with self.progress_bar(total=num_inference_steps) as bar:
+            for i, t in enumerate(timesteps):
+                x_in = latents.repeat(2, 1, 1) if use_cfg else latents
+                timestep = t.expand(x_in.shape[0]).to(latents.dtype) / 1000
+                out = self.transformer(hidden_states=x_in, encoder_hidden_states=feats,
+                                       encoder_hidden_states_mask=mask, timestep=timestep, img_shapes=img_shapes,
+                                       return_dict=False)[0]
+                noise_pred = cfg_combine(out[:batch], out[batch:], guidance_scale) if use_cfg else out
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "noise_pred": noise_pred, **(extra or {})}
+                    cb_out = callback_on_step_end(self, i, t,
+                                                  {k: available[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = (cb_out or {}).pop("latents", latents)
+                bar.update()
         return latents
 
     @torch.no_grad()
@@ -347,18 +398,21 @@ class LensPipeline(LoraLoaderMixin):
         pipeline's reasoner rewrite each prompt before encoding (never the negative prompt;
         nothing with ``prompt_embeds``); the output's ``prompts`` and ``rewrites`` say what
         was encoded, and a failed rewrite falls back to the prompt as written."""
+        if self.transformer is None:
+            raise InvalidValue("this pipeline has no transformer: it only encodes prompts (encode_prompt)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         for k in callback_on_step_end_tensor_inputs:
             if k not in CALLBACK_TENSORS:
                 raise ValueError(f"callback tensor {k!r} is not one of {CALLBACK_TENSORS}")
         height, width = self._resolve_size(height, width, base_resolution, aspect_ratio)
-        steps, guidance = self.recommended
+        steps, guidance = self.call_defaults
         num_inference_steps = steps if num_inference_steps is None else num_inference_steps
         guidance_scale = guidance if guidance_scale is None else float(guidance_scale)
         if not math.isfinite(guidance_scale):
             raise InvalidValue(f"guidance_scale={guidance_scale}: expected a finite number")
-        device, dtype = self.device, self.dtype
+        device, dtype = self._execution_device, self.transformer.dtype
+        self._guidance_scale = guidance_scale
         use_cfg = guidance_scale != 1.0
         rewrites = None
         if reason and prompt_embeds is None:
@@ -377,7 +431,7 @@ class LensPipeline(LoraLoaderMixin):
         else:
             feats, mask = [p.to(device=device, dtype=dtype) for p in pe], pm.to(device)
         batch = pe[0].shape[0]
-        h, w = self.vae.latent_grid(height, width)
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         shape = (batch, h * w, self.transformer.config.in_channels)
         if latents is None:
             latents = randn_tensor(shape, generator, device, dtype)
@@ -389,6 +443,7 @@ class LensPipeline(LoraLoaderMixin):
                                callback_on_step_end, callback_on_step_end_tensor_inputs,
                                extra={"prompt_embeds": pe, "negative_prompt_embeds": ne}, mu=mu)
         images = self.postprocess(latents, height, width, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
@@ -404,11 +459,22 @@ class LensPipeline(LoraLoaderMixin):
             raise ValueError("reason=True rewrites the prompt, and none was given")
         from .reasoner import rewrite_for_encoder
 
-        return rewrite_for_encoder(self.reasoner, self.text_encoder, prompt, max_sequence_length)
+        return rewrite_for_encoder(self.reasoner, self.prompt_encoder, prompt, max_sequence_length)
 
     def postprocess(self, latents, height, width, output_type):
         if self.engine is not None:
             return self.engine.postprocess(latents, height, width, output_type)
         if output_type == "latent":
             return latents
-        return decoded_to_output(self.vae.decode(latents, height, width), output_type)
+        if self.latent_codec is None:
+            raise InvalidValue(f"output_type={output_type!r} needs a VAE and this pipeline has none; use "
+                               "output_type='latent'")
+        return decoded_to_output(self.latent_codec.decode(latents, height, width), output_type)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps

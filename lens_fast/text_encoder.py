@@ -182,7 +182,7 @@ class LensTextEncoder:
                         template_date: Optional[Union[str, _date]] = None, txt_offset: int = DEFAULT_TXT_OFFSET,
                         cache_size: int = 0, cache_device=None, dequantize_mxfp4: Optional[bool] = None,
                         text_encoder_subfolder: str = "text_encoder",
-                        tokenizer_subfolder: str = "tokenizer") -> "LensTextEncoder":
+                        tokenizer_subfolder: str = "tokenizer", variant: Optional[str] = None) -> "LensTextEncoder":
         """Loads ``<folder>/text_encoder`` (GPT-OSS causal LM) and ``<folder>/tokenizer``.
 
         An MXFP4-quantised text encoder (the official one) is dequantised at load
@@ -190,6 +190,7 @@ class LensTextEncoder:
         when the fast kernels cannot run (no CUDA device, no triton / ``kernels``
         package); ``dequantize_mxfp4=True`` forces dequantising, ``False`` leaves the
         MXFP4 weights to transformers (which still dequantises where it cannot run them).
+        ``variant``: the weight-file variant (``model.fp16.safetensors``).
         ``device`` loads straight onto that device when accelerate is installed, else
         the model is loaded on the CPU and moved."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -218,6 +219,8 @@ class LensTextEncoder:
 
         dtype = resolve_dtype(torch_dtype)
         kwargs = {"use_safetensors": True}  # never let transformers fall back to pickle weights
+        if variant is not None:
+            kwargs["variant"] = variant
         quant = config.get("quantization_config") or {}
         if quant.get("quant_method") == "mxfp4":
             dequantize = (not _mxfp4_kernels_usable(device)) if dequantize_mxfp4 is None else bool(dequantize_mxfp4)

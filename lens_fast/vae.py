@@ -49,6 +49,31 @@ def from_tokens(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
+def load_flux2_vae(path: str, torch_dtype=None, device="cpu", variant: Optional[str] = None):
+    """diffusers' ``AutoencoderKLFlux2`` from a folder, safetensors only, in eval mode;
+    one-line errors for a missing or unusable folder."""
+    from diffusers import AutoencoderKLFlux2
+
+    if not os.path.isdir(path):
+        raise MissingFile(f"VAE folder {path} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise MissingFile(f"VAE folder {path} has no config.json")
+    check_weights_folder(path, "the VAE")
+    kwargs = {"use_safetensors": True}
+    dtype = resolve_dtype(torch_dtype)
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if variant is not None:
+        kwargs["variant"] = variant
+    try:
+        vae = AutoencoderKLFlux2.from_pretrained(path, **kwargs)
+    except OSError as e:  # a weight file (or the variant's) is missing: an OSError, as diffusers raises
+        raise MissingFile(f"cannot load the VAE from {path}: {one_line(e)}") from None
+    except (ValueError, RuntimeError, SafetensorError) as e:
+        raise CorruptFile(f"cannot load the VAE from {path}: {one_line(e)}") from None
+    return vae.to(device).eval()
+
+
 class LensVAE:
     """FLUX.2 VAE with the Lens latent normalisation.
 
@@ -70,23 +95,8 @@ class LensVAE:
 
     @classmethod
     def from_pretrained(cls, folder: str, subfolder: Optional[str] = "vae", torch_dtype=None, device="cpu"):
-        from diffusers import AutoencoderKLFlux2
-
         path = os.path.join(folder, subfolder) if subfolder else folder
-        if not os.path.isdir(path):
-            raise MissingFile(f"VAE folder {path} does not exist")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise MissingFile(f"VAE folder {path} has no config.json")
-        check_weights_folder(path, "the VAE")
-        kwargs = {"use_safetensors": True}
-        dtype = resolve_dtype(torch_dtype)
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        try:
-            vae = AutoencoderKLFlux2.from_pretrained(path, **kwargs)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise CorruptFile(f"cannot load the VAE from {path}: {one_line(e)}") from None
-        return cls(vae.to(device).eval())
+        return cls(load_flux2_vae(path, torch_dtype, device))
 
     # -- normalisation -----------------------------------------------------------------
     def _stats(self, like: torch.Tensor):

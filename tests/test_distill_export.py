@@ -64,7 +64,8 @@ def test_export_is_a_turbo_folder_that_loads_with_turbo_defaults(lens_folder, tm
     explicit = pipe("a red circle", height=32, width=32, num_inference_steps=4, guidance_scale=1.0,
                     generator=torch.Generator().manual_seed(0)).images[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(explicit))
-    # the inference engine: four denoiser steps by default, guidance 1
+    # the inference engine: four denoiser steps with the variant's defaults (diffusers' 50 / 4.0 otherwise)
+    pipe.use_recommended_defaults()
     pipe.enable_fast_path()
     steps = []
     default = pipe("a red circle", height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="np",

@@ -37,7 +37,7 @@ def conformance(conformance_dir):
 
 
 def _tiny_pipe(dtype=torch.float32, seed=0):
-    pipe = LensPipeline(make_tiny_transformer(seed), LensVAE(make_tiny_vae(seed)), None, SCHEDULER)
+    pipe = LensPipeline(SCHEDULER, LensVAE(make_tiny_vae(seed)), transformer=make_tiny_transformer(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
 
@@ -271,14 +271,14 @@ def test_prompt_cache_hits_repeated_prompts_and_keeps_results(text_pipe):
     ref = _prompt_run(pipe, ["a red cube on a wooden table", "sky"])
     enable_fast_path(pipe)
     calls = []
-    encode = pipe.text_encoder.encode
-    pipe.text_encoder.encode = lambda prompts, **kw: (calls.append(list(prompts)), encode(prompts, **kw))[1]
+    encode = pipe.prompt_encoder.encode
+    pipe.prompt_encoder.encode = lambda prompts, **kw: (calls.append(list(prompts)), encode(prompts, **kw))[1]
     try:
         first = _prompt_run(pipe, ["a red cube on a wooden table", "sky"])
         again = _prompt_run(pipe, ["a red cube on a wooden table", "sky"])
         _prompt_run(pipe, ["a blue sphere", "sky"])
     finally:
-        del pipe.text_encoder.encode
+        del pipe.prompt_encoder.encode
         disable_fast_path(pipe)
     assert calls == [["a red cube on a wooden table", "sky"], ["blurry, low quality"] * 2, ["a blue sphere", "sky"]]
     assert _rel(first, ref) <= 1e-5 and torch.equal(first, again)
@@ -289,8 +289,8 @@ def test_text_encoder_offload_moves_in_for_encoding_and_back(text_pipe, monkeypa
     pipe = text_pipe
     ref = _prompt_run(pipe, "a green cone")
     moves = []
-    to = type(pipe.text_encoder).to
-    monkeypatch.setattr(type(pipe.text_encoder), "to", lambda self, device=None, dtype=None: (
+    to = type(pipe.prompt_encoder).to
+    monkeypatch.setattr(type(pipe.prompt_encoder), "to", lambda self, device=None, dtype=None: (
         moves.append(str(device)), to(self, device, dtype))[1])
     offload = enable_text_encoder_offload(pipe)
     try:

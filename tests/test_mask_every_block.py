@@ -30,14 +30,16 @@ def test_saved_only_when_set_and_absent_means_first_block_only(tmp_path):
     assert json.load(open(tmp_path / "every" / "config.json"))["mask_every_block"] is True
     loaded = LensTransformer2DModel.from_pretrained(tmp_path / "every")
     assert loaded.mask_every_block is True and loaded.config.mask_every_block is True
-    loaded.mask_every_block = False
-    assert "mask_every_block" not in loaded.config
+    loaded.mask_every_block = False  # the config (diffusers' ConfigMixin keeps every key) says False, and a
+    loaded.save_pretrained(tmp_path / "off")  # folder saved from it holds the official keys only again
+    assert loaded.config.mask_every_block is False
+    assert "mask_every_block" not in json.load(open(tmp_path / "off" / "config.json"))
     with pytest.raises(ValueError, match="mask_every_block=1"):
         LensTransformer2DModel(**TINY_TRANSFORMER, mask_every_block=1)
 
 
 def _pipe(model):
-    pipe = LensPipeline(model, PixelSpace(4), None, SCHEDULER)
+    pipe = LensPipeline(SCHEDULER, PixelSpace(4), transformer=model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

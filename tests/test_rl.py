@@ -223,7 +223,7 @@ def test_rollouts_are_the_pipeline_sampler_and_the_fast_path_matches(start, reco
         fast = RolloutSampler(old, trainer.model_config, True, torch.float32, "cpu")
         fast.sync()
         got = reference.sample(noise, text, mask, (4, 4), 5, guidance)
-        pipe = LensPipeline(old, PixelSpace(4))
+        pipe = LensPipeline(vae=PixelSpace(4), transformer=old)
         pipe.set_progress_bar_config(disable=True)
         want = pipe(prompt_embeds=text, prompt_mask=mask, latents=noise, height=16, width=16, num_inference_steps=5,
                     guidance_scale=guidance, output_type="latent").images

@@ -133,7 +133,7 @@ class RolloutSampler:
             with torch.device("meta"):
                 model = LensTransformer2DModel(**model_config)
             model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
-        self.pipe = LensPipeline(model, vae=None)
+        self.pipe = LensPipeline(transformer=model, lens_defaults=True)
         self.pipe.set_progress_bar_config(disable=True)
         if fast:
             cuda = torch.device(device).type == "cuda"

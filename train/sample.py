@@ -25,7 +25,7 @@ def sample_tokens(model, text: List[torch.Tensor], mask: torch.Tensor, grid, ste
     if guidance != 1.0:
         text = [torch.cat([t, torch.zeros_like(t)]) for t in text]
         mask = torch.cat([mask, torch.zeros_like(mask)])
-    pipe = LensPipeline(transformer=model, vae=None)
+    pipe = LensPipeline(transformer=model, lens_defaults=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.denoise(latents, text, mask, tuple(grid), steps, guidance).float()
 

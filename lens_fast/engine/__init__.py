@@ -87,10 +87,10 @@ def enable_fast_path(pipe, *, compile: Optional[bool] = None, cuda_graphs: Optio
     engine = LensEngine(pipe, compile=compile, cuda_graphs=cuda_graphs, text_bucket=text_bucket,
                         keep_fp32_latents=keep_fp32_latents, **engine_options)
     pipe.engine = engine
-    if pipe.text_encoder is not None:
+    if pipe.prompt_encoder is not None:
         # An encoder that caches by itself (LensTextEncoder(cache_size > 0)) keeps doing so;
         # the engine's exact whole-call cache (see engine.text) serves the others.
-        own = getattr(pipe.text_encoder, "cache_size", 0)
+        own = getattr(pipe.prompt_encoder, "cache_size", 0)
         _text_encoding(pipe).cache = PromptCache(0 if own else text_cache_size)
     if resolutions is not None:
         engine.prewarm(resolutions, prewarm_text_lengths)
@@ -112,9 +112,9 @@ def disable_fast_path(pipe) -> None:
 def enable_text_encoder_offload(pipe, mode: str = "model") -> TextEncoderOffload:
     """Keep the text encoder on the CPU; bring it to the pipeline's device for each
     encoding (``mode='model'``: whole, ``'sequential'``: one decoder layer at a time)."""
-    if pipe.text_encoder is None:
+    if pipe.prompt_encoder is None:
         raise ValueError("this pipeline has no text encoder to offload (model_index.json lists none)")
-    offload = TextEncoderOffload(pipe.text_encoder, mode)
+    offload = TextEncoderOffload(pipe.prompt_encoder, mode)
     _text_encoding(pipe).offload = offload
     return offload
 
@@ -125,8 +125,8 @@ def disable_text_encoder_offload(pipe) -> None:
     if text is None or text.offload is None:
         return
     text.offload = None
-    if pipe.text_encoder is not None:
-        pipe.text_encoder.to(pipe.device)
+    if pipe.prompt_encoder is not None:
+        pipe.prompt_encoder.to(pipe.device)
     if text.cache.size == 0:
         pipe.text_encoding = None
 

@@ -82,7 +82,7 @@ class LensEngine:
         self.keep_fp32_latents = bool(keep_fp32_latents)
         self.denoiser = FastDenoiser(pipe.transformer, self.compile,
                                      compile_mode if compile_mode is not None else default_compile_mode(device))
-        self.decoder = FastDecoder(pipe.vae, vae_tile, vae_overlap, vae_max_untiled_area,
+        self.decoder = FastDecoder(pipe.latent_codec, vae_tile, vae_overlap, vae_max_untiled_area,
                                    compile=cuda if compile_vae is None else compile_vae,
                                    channels_last=cuda if channels_last is None else channels_last)
         self.max_cached_shapes = max_cached_shapes
@@ -92,11 +92,15 @@ class LensEngine:
         self._graph_pool = GraphPool()
 
     # -- caches ---------------------------------------------------------------------------
-    def tables(self, num_steps: int, image_seq_len: int, mu=None) -> StepTables:
+    def tables(self, num_steps: int, image_seq_len: int, mu=None, schedule=None) -> StepTables:
+        """Step tables, cached by shape and schedule; ``schedule`` = (sigmas, timesteps)
+        from the pipeline's scheduler (else Lens's schedule with ``mu``)."""
         model = self.pipe.transformer
-        key = (num_steps, image_seq_len, mu, model.dtype, model.device)
+        sched_key = None if schedule is None else tuple(torch.cat([schedule[0].flatten(),
+                                                                   schedule[1].flatten()]).tolist())
+        key = (num_steps, image_seq_len, mu, sched_key, model.dtype, model.device)
         if key not in self._tables:
-            self._tables[key] = build_step_tables(model, num_steps, image_seq_len, mu=mu)
+            self._tables[key] = build_step_tables(model, num_steps, image_seq_len, mu=mu, schedule=schedule)
             while len(self._tables) > 16:
                 self._tables.popitem(last=False)
         self._tables.move_to_end(key)
@@ -164,7 +168,7 @@ class LensEngine:
     # -- the loop (what LensPipeline.denoise runs when the engine is on) -------------------
     @torch.no_grad()
     def prepare(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
-                guidance_scale: float, mu=None) -> Tuple[Callable[[], None], StepBuffers, StepTables]:
+                guidance_scale: float, mu=None, schedule=None) -> Tuple[Callable[[], None], StepBuffers, StepTables]:
         """Everything before the loop: the checks, the step tables, the text stream and its
         key limits, the runner's buffers loaded with step 0's constants, on CUDA the graph.
         Returns ``(run, buffers, tables)``: ``run()`` is one step on the buffers (a graph
@@ -179,7 +183,7 @@ class LensEngine:
                              f"{2 * batch if cfg else batch} rows ({'[cond; uncond]' if cfg else 'cond'}) with a mask")
         if latents.shape[1] != h * w:
             raise ValueError(f"latents have {latents.shape[1]} tokens; expected h*w = {h}*{w} = {h * w}")
-        tables = self.tables(num_inference_steps, h * w, mu)
+        tables = self.tables(num_inference_steps, h * w, mu, schedule)
         txt, text_mask, text_valid = bucket_text(model.embed_text(feats), mask.to(model.device), self.text_bucket)
         ref_len, open_len = key_limits(text_mask, text_valid)
         latent_dtype = torch.float32 if self.keep_fp32_latents else model.dtype
@@ -202,9 +206,10 @@ class LensEngine:
     @torch.no_grad()
     def denoise(self, latents, feats, mask, grid: Tuple[int, int], num_inference_steps: int,
                 guidance_scale: float, callback_on_step_end=None,
-                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None, mu=None):
-        run, buf, tables = self.prepare(latents, feats, mask, grid, num_inference_steps, guidance_scale, mu)
-        bar = tqdm(total=num_inference_steps, **{"disable": False, "leave": False, **self.pipe._progress})
+                callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), extra=None, mu=None,
+                schedule=None):
+        run, buf, tables = self.prepare(latents, feats, mask, grid, num_inference_steps, guidance_scale, mu, schedule)
+        bar = tqdm(total=num_inference_steps, **self.pipe._progress)
         for i in range(num_inference_steps):
             if i:
                 self._load_step(buf, tables, i)
@@ -245,7 +250,7 @@ class LensEngine:
                              f"guidance_scales={guidance_scales}")
         warmed = []
         for height, width in resolutions:
-            grid = pipe.vae.latent_grid(int(height), int(width))
+            grid = pipe.latent_codec.latent_grid(int(height), int(width))
             for s in text_lengths:
                 for g in guidance_scales:
                     rows = 2 if g != 1.0 else 1

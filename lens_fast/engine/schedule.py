@@ -60,13 +60,18 @@ class StepTables:
 
 
 @torch.no_grad()
-def build_step_tables(model, num_steps: int, image_seq_len: int, device=None, mu=None) -> StepTables:
+def build_step_tables(model, num_steps: int, image_seq_len: int, device=None, mu=None,
+                      schedule=None) -> StepTables:
     """Tables for ``num_steps`` steps at ``image_seq_len`` image tokens (the shift mu
     depends on both): the model's ``modulations`` for the schedule's sigmas, with the
-    reference's arithmetic (timestep ``t.to(dtype) / 1000``, the model dtype)."""
+    reference's arithmetic (timestep ``t.to(dtype) / 1000``, the model dtype). ``schedule``:
+    (sigmas, timesteps) from a scheduler, used instead of Lens's schedule."""
     device = model.device if device is None else torch.device(device)
     dtype = model.dtype
-    sigmas, timesteps = lens_sigmas(num_steps, image_seq_len, device=device, mu=mu)
+    if schedule is None:
+        sigmas, timesteps = lens_sigmas(num_steps, image_seq_len, device=device, mu=mu)
+    else:  # the pipeline scheduler's (sigmas [n + 1], timesteps [n])
+        sigmas, timesteps = (t.to(device=device, dtype=torch.float32) for t in schedule)
     mods = model.modulations(timesteps.to(dtype) / 1000, dtype)
     block_mods = torch.stack([m.rows() for m in mods.blocks], 0).permute(2, 0, 1, 3).contiguous()
     out_mods = torch.stack(mods.out, 1).contiguous()                     # [n, 2, dim]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,6 +22,9 @@ from safetensors.torch import save_file
 
 from ..errors import CorruptFile, InvalidValue, MissingFile, OutputExists, UserError, one_line, storage_error
 from .config import read_json
+from .hub import parse_device_map, resolve_folder, variant_name
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -118,17 +123,27 @@ def check_component_files(folder: str, components) -> None:
             check_weights_folder(sub, f"the {name.replace('_', ' ')}")
 
 
-def find_weight_files(folder: str, weights_name: str) -> Tuple[list, Optional[Dict[str, str]]]:
-    """The safetensors file(s) of a model folder and, when sharded, the key -> file map."""
-    single = os.path.join(folder, weights_name + ".safetensors")
-    index = single + ".index.json"
-    if os.path.isfile(index):
-        return _read_index(index, folder)
-    if os.path.isfile(single):
-        return [single], None
-    _refuse_pickles(folder, "weights")
-    raise MissingFile(f"{folder} has neither {weights_name}.safetensors nor "
-                      f"{weights_name}.safetensors.index.json")
+def _variants_in(folder: str, weights_name: str) -> list:
+    """The variant tags of a folder's weight files (``<name>.<tag>[-00001-of-00002].safetensors``)."""
+    pattern = re.compile(re.escape(weights_name) + r"\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors")
+    return sorted({m.group(1) for m in map(pattern.fullmatch, os.listdir(folder)) if m})
+
+
+def find_weight_files(folder: str, weights_name: str, variant: Optional[str] = None
+                      ) -> Tuple[list, Optional[Dict[str, str]]]:
+    """The safetensors file(s) of a model folder (of ``variant``, diffusers' naming) and,
+    when sharded, the key -> file map."""
+    single_name = variant_name(weights_name + ".safetensors", variant)
+    index_name = variant_name(weights_name + ".safetensors.index.json", variant)
+    if os.path.isfile(os.path.join(folder, index_name)):
+        return _read_index(os.path.join(folder, index_name), folder)
+    if os.path.isfile(os.path.join(folder, single_name)):
+        return [os.path.join(folder, single_name)], None
+    variants = [v for v in _variants_in(folder, weights_name) if v != variant]
+    if variant is None:
+        _refuse_pickles(folder, "weights")
+    hint = f"; it holds variant {variants} files: pass variant={variants[0]!r}" if variants else ""
+    raise MissingFile(f"{folder} has neither {single_name} nor {index_name}{hint}")
 
 
 def iter_safetensors(files: Iterable[str], device="cpu"):
@@ -205,18 +220,26 @@ def _fill_folder(target: str, tmp: str, write_fn, overwrite: bool, stale_prefix:
             if n.startswith(stale_prefix) and n not in names and os.path.isfile(os.path.join(target, n)):
                 os.remove(os.path.join(target, n))
     for n in names:
-        os.replace(os.path.join(tmp, n), os.path.join(target, n))
+        dst = os.path.join(target, n)
+        if os.path.isdir(dst) and not os.path.islink(dst):  # a component folder being replaced
+            shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, n), dst)
 
 
 class ModelLoadingMixin:
-    """``from_pretrained`` / ``save_pretrained`` for a module with a ``config_class``."""
+    """``from_pretrained`` / ``save_pretrained`` for a module with a ``config_class``,
+    accepting diffusers' arguments (hub ids, ``variant``, ``max_shard_size`` strings,
+    ``low_cpu_mem_usage``, single-device ``device_map``) and reading and writing
+    safetensors only."""
 
     config_class = None
     weights_name = "diffusion_pytorch_model"
 
     @classmethod
-    def _resolve_folder(cls, folder: str, subfolder: Optional[str]) -> str:
+    def _resolve_folder(cls, folder, subfolder: Optional[str], hub_kwargs: Optional[dict] = None) -> str:
         folder = os.fspath(folder)
+        patterns = [f"{subfolder}/*"] if subfolder else None
+        folder = resolve_folder(folder, patterns, **(hub_kwargs or {}))
         if subfolder:
             folder = os.path.join(folder, subfolder)
         if not os.path.isdir(folder):
@@ -228,52 +251,96 @@ class ModelLoadingMixin:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str, subfolder: Optional[str] = None, torch_dtype=None,
-                        device="cpu", **overrides):
-        """Load ``config.json`` + safetensors weights (single file or sharded)."""
-        folder = cls._resolve_folder(folder, subfolder)
-        dtype = resolve_dtype(torch_dtype)
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, torch_dtype=None,
+                        device=None, *, variant: Optional[str] = None, low_cpu_mem_usage: bool = True,
+                        device_map=None, use_safetensors: Optional[bool] = None, cache_dir=None,
+                        revision: Optional[str] = None, token=None, local_files_only: Optional[bool] = None,
+                        force_download: bool = False, proxies=None, **overrides):
+        """Load ``config.json`` + safetensors weights (single file or sharded) from a
+        folder or a Hub repo id (``subfolder`` inside it), as diffusers' ``from_pretrained``
+        does; ``overrides`` replace config keys. ``low_cpu_mem_usage`` (default) builds the
+        model on the meta device and assigns the file's tensors (no second copy); False
+        builds it on the CPU first. Pickle weights are never read (``use_safetensors=False``
+        is refused)."""
+        if use_safetensors is False:
+            raise InvalidValue("use_safetensors=False: lens_fast loads safetensors only and never unpickles")
+        target = parse_device_map(device_map)
+        if target is not None and device is not None and torch.device(device) != target:
+            raise InvalidValue(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
+        device = target if target is not None else (device if device is not None else "cpu")
+        hub = dict(cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only,
+                   force_download=force_download, proxies=proxies)
+        folder = cls._resolve_folder(pretrained_model_name_or_path, subfolder, hub)
+        dtype = None if torch_dtype == "auto" else resolve_dtype(torch_dtype)
         config = cls.config_class.from_json_file(os.path.join(folder, "config.json"))
         config.update(overrides)
-        files, _ = find_weight_files(folder, cls.weights_name)
-        with torch.device("meta"):
+        files, _ = find_weight_files(folder, cls.weights_name, variant)
+        if low_cpu_mem_usage:
+            with torch.device("meta"):
+                model = cls(**config)
+        else:
             model = cls(**config)
         load_state_dict_into(model, files, dtype, device=device)
         for name, buf in list(model.named_buffers()):
             if buf.is_meta:
                 raise RuntimeError(f"buffer {name} was not materialised from the checkpoint")
-        return model.eval()
+        return model.to(device).eval()
 
-    def save_pretrained(self, folder: str, max_shard_size: Optional[int] = None, overwrite: bool = False,
-                        state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """Write ``config.json`` and ``<weights_name>.safetensors`` (sharded above
-        ``max_shard_size`` bytes, with an ``.index.json``) atomically."""
+    def _config_json(self) -> dict:
+        """``config.json``: the config class's keys (lens_fast options only when not at their
+        default), plus diffusers' ``_diffusers_version``. Keys registered with
+        ``register_to_config`` that the class does not know are left out, with a warning."""
+        import diffusers
+
+        data = {k: v for k, v in dict(self.config).items() if not k.startswith("_")}
+        known = set(self.config_class.known_keys())
+        dropped = sorted(set(data) - known)
+        if dropped:
+            logger.warning("config key(s) %s are not %s config keys; config.json leaves them out",
+                           dropped, self.config_class.class_name)
+        out = self.config_class.from_dict({k: v for k, v in data.items() if k in known}).to_json_dict()
+        return {**out, "_diffusers_version": diffusers.__version__}
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, save_function=None,
+                        safe_serialization: bool = True, variant: Optional[str] = None,
+                        max_shard_size: Union[int, str, None] = "10GB", push_to_hub: bool = False,
+                        overwrite: bool = False, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                        **kwargs) -> None:
+        """Write ``config.json`` and ``<weights_name>[.variant].safetensors`` (sharded
+        above ``max_shard_size``, bytes or a string like "5GB", with an index) atomically,
+        in diffusers' layout. Never overwrites an existing checkpoint unless
+        ``overwrite=True``. Only safetensors are written: ``safe_serialization=False`` is
+        answered with a warning, not a pickle; ``push_to_hub`` and ``save_function`` are
+        refused (upload the folder with ``huggingface_hub.upload_folder``)."""
+        if push_to_hub or save_function is not None or kwargs:
+            extra = sorted(kwargs) + (["push_to_hub"] if push_to_hub else []) + \
+                (["save_function"] if save_function is not None else [])
+            raise InvalidValue(f"save_pretrained got {extra}: lens_fast writes the folder locally in safetensors; "
+                               "upload it with huggingface_hub.upload_folder")
+        if not safe_serialization:
+            logger.warning("safe_serialization=False: lens_fast writes safetensors only (never pickle)")
+        if not is_main_process:
+            return
         sd = state_dict if state_dict is not None else self.state_dict()
         sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-        config = dict(self.config.to_json_dict())
+        config = self._config_json()
+        name = variant_name(self.weights_name + ".safetensors", variant)
+        pattern = name.replace(".safetensors", "{suffix}.safetensors")
 
         def write(tmp):
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2)
-            if max_shard_size is None or sum(t.numel() * t.element_size() for t in sd.values()) <= max_shard_size:
-                save_file(sd, os.path.join(tmp, self.weights_name + ".safetensors"), metadata={"format": "pt"})
+            if max_shard_size is None:
+                save_file(sd, os.path.join(tmp, name), metadata={"format": "pt"})
                 return
-            shards, cur, size = [], {}, 0
-            for k in sorted(sd):
-                nbytes = sd[k].numel() * sd[k].element_size()
-                if cur and size + nbytes > max_shard_size:
-                    shards.append(cur)
-                    cur, size = {}, 0
-                cur[k] = sd[k]
-                size += nbytes
-            shards.append(cur)
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"{self.weights_name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in sd.values())
-            with open(os.path.join(tmp, self.weights_name + ".safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            from huggingface_hub import split_torch_state_dict_into_shards
 
-        atomic_write_folder(os.fspath(folder), write, overwrite, stale_prefix=self.weights_name)
+            split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size, filename_pattern=pattern)
+            for filename, keys in split.filename_to_tensors.items():
+                save_file({k: sd[k] for k in keys}, os.path.join(tmp, filename), metadata={"format": "pt"})
+            if split.is_sharded:
+                index = variant_name(self.weights_name + ".safetensors.index.json", variant)
+                with open(os.path.join(tmp, index), "w", encoding="utf-8") as f:
+                    json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
+
+        atomic_write_folder(os.fspath(save_directory), write, overwrite, stale_prefix=self.weights_name)

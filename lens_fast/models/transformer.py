@@ -9,12 +9,14 @@ backend allows, the reference math under ``LENS_FAST_BACKEND=torch``), attention
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
 
 from ..ops.attention import joint_attention
 from ..ops.norm_modulate import gated_residual_rms_norm_modulate, rms_norm_modulate
@@ -23,21 +25,9 @@ from .config import LensTransformerConfig
 from .embeddings import rope_table
 from .layers import AdaLayerNormContinuous, FeedForward, GateMLP, LensTimestepProjEmbeddings, RMSNorm
 from .loading import ModelLoadingMixin
+from .processors import LensAttnProcessor, call_processor
 
 FP16_MAX = 65504.0
-
-
-@dataclass
-class Transformer2DModelOutput:
-    sample: torch.Tensor
-
-
-# A pytree node, as diffusers' BaseOutput is: FSDP2 on torch <= 2.12 finds the tensors it
-# hooks for backward with tree_flatten, which treats an unregistered dataclass as a leaf
-# (no pre-backward all-gather of the root's parameters: "setStorage ... storage of size 0",
-# seen on torch 2.11 / H200).
-torch.utils._pytree.register_pytree_node(
-    Transformer2DModelOutput, lambda o: ([o.sample], None), lambda values, _: Transformer2DModelOutput(*values))
 
 
 class BlockModulation(NamedTuple):
@@ -63,7 +53,16 @@ class StepModulation(NamedTuple):
     out: Tuple[torch.Tensor, torch.Tensor]
 
 
-class LensJointAttention(nn.Module):
+class LensJointAttention(nn.Module, AttentionModuleMixin):
+    """Joint [image ; text] attention. Its processor (diffusers' attention-processor
+    plumbing) is ``LensAttnProcessor``, lens_fast's fused path; any other processor set
+    with ``set_processor`` / the model's ``set_attn_processor`` is called the way
+    diffusers' Lens calls one (``lens_fast.models.processors.call_processor``)."""
+
+    _default_processor_cls = LensAttnProcessor
+    _available_processors = [LensAttnProcessor]
+    _supports_qkv_fusion = False  # img_qkv / txt_qkv are fused QKV projections already
+
     def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
         super().__init__()
         inner = heads * head_dim
@@ -76,10 +75,21 @@ class LensJointAttention(nn.Module):
         self.txt_qkv = nn.Linear(dim, 3 * inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
         self.to_add_out = nn.Linear(inner, dim)
+        self.dim_head = head_dim  # the name diffusers' Lens processors read
+        self.slice_size: Optional[int] = None  # heads per attention call (attention slicing); None: all
+        self.processor = LensAttnProcessor()
 
     def forward(self, img, txt, rope, txt_mask, txt_len=None):
         """``txt_mask`` [B, S] bool, or ``txt_len`` [B] (per-row count of leading valid text
-        keys: the same as a prefix mask, with no mask), or neither (see ``joint_attention``)."""
+        keys: the same as a prefix mask, with no mask), or neither (see ``joint_attention``).
+        A processor other than ``LensAttnProcessor`` is called as diffusers calls it."""
+        if type(self.processor) is not LensAttnProcessor:
+            return call_processor(self, img, txt, rope, txt_mask, txt_len)
+        return self.fused_attention(img, txt, rope, txt_mask, txt_len)
+
+    def fused_attention(self, img, txt, rope, txt_mask, txt_len=None):
+        """lens_fast's attention (``LensAttnProcessor``): fused QK-norm + RoPE, the
+        dispatched joint attention, the output projections."""
         n = img.shape[1]
         q, k, v = qk_norm_rope(self.img_qkv(img), self.txt_qkv(txt), self.heads,
                                self.norm_q.weight, self.norm_k.weight,
@@ -90,7 +100,14 @@ class LensJointAttention(nn.Module):
             # the float32 RoPE give float32 q, k; autocast's SDPA would run all three in the
             # autocast dtype, so do the same (without autocast the dtypes already agree).
             q, k = q.to(v.dtype), k.to(v.dtype)
-        out = joint_attention(q, k, v, txt_mask, n_img=n, txt_len=txt_len).flatten(2).to(q.dtype)
+        step = self.slice_size
+        if step is None or step >= q.shape[2]:
+            out = joint_attention(q, k, v, txt_mask, n_img=n, txt_len=txt_len)
+        else:  # attention slicing: a few heads at a time (same numbers, less memory)
+            out = torch.cat([joint_attention(q[:, :, i:i + step], k[:, :, i:i + step], v[:, :, i:i + step],
+                                             txt_mask, n_img=n, txt_len=txt_len)
+                             for i in range(0, q.shape[2], step)], 2)
+        out = out.flatten(2).to(q.dtype)
         return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
 
@@ -172,13 +189,25 @@ def _cached_rope(h: int, w: int, txt_len: int, axes: Tuple[int, ...], device: to
     return rope_table(h, w, txt_len, axes, device=device)
 
 
-class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
+class LensTransformer2DModel(ModelLoadingMixin, ModelMixin, ConfigMixin, AttentionMixin):
     """The Lens denoiser. Constructor keys are the official ``config.json`` keys; the
-    defaults are the official 48-layer configuration (4.104e9 parameters)."""
+    defaults are the official 48-layer configuration (4.104e9 parameters).
+
+    A diffusers ``ModelMixin`` / ``ConfigMixin`` / ``AttentionMixin``: ``config``,
+    ``register_to_config``, gradient checkpointing, layerwise casting, group offloading
+    and attention processors behave as in diffusers' ``LensTransformer2DModel``;
+    ``from_pretrained`` / ``save_pretrained`` take diffusers' arguments but are lens_fast's
+    (safetensors only, checked before loading, atomic, no silent overwrite)."""
 
     config_class = LensTransformerConfig
+    config_name = "config.json"
     weights_name = "diffusion_pytorch_model"
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["LensTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _repeated_blocks = ["LensTransformerBlock"]
 
+    @register_to_config
     def __init__(self, patch_size: int = 2, in_channels: int = 128, out_channels: Optional[int] = 32,
                  num_layers: int = 48, attention_head_dim: int = 64, num_attention_heads: int = 24,
                  inner_dim: Optional[int] = 1536, enc_hidden_dim: int = 2880,
@@ -186,7 +215,7 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
                  multi_layer_encoder_feature: bool = True,
                  selected_layer_index: Sequence[int] = (5, 11, 17, 23), mask_every_block: bool = False):
         super().__init__()
-        self.config = LensTransformerConfig.from_dict(dict(
+        LensTransformerConfig.from_dict(dict(  # validation only: ConfigMixin keeps the config
             patch_size=patch_size, in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
             attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
             inner_dim=inner_dim, enc_hidden_dim=enc_hidden_dim, axes_dims_rope=list(axes_dims_rope),
@@ -221,33 +250,46 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         the default, and what a folder without the key means. True masks every block (what
         lens-reference.md describes); it changes outputs wherever text is padded. Setting it
         changes the config, so ``save_pretrained`` and the trainer's export keep it."""
-        return self.config.mask_every_block
+        return bool(self.config.get("mask_every_block", False))
 
     @mask_every_block.setter
     def mask_every_block(self, value: bool) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"mask_every_block={value!r}: expected True or False")
-        self.config.set("mask_every_block", value)
+        self.register_to_config(mask_every_block=value)
 
     def block_masks(self, mask: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """The text mask each block attends with: ``mask`` for block 0, and for the others
         ``mask`` with ``mask_every_block``, else None (see ``mask_every_block``)."""
         return [mask if (i == 0 or self.mask_every_block) else None for i in range(len(self.transformer_blocks))]
 
-    # -- conveniences users of diffusers expect ---------------------------------------
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    # -- diffusers features lens_fast serves differently ---------------------------------
+    def set_attention_slice(self, slice_size):
+        """Attention slicing (``LensPipeline.enable_attention_slicing``): each attention
+        runs ``slice_size`` heads at a time ("auto": half of them, "max": one; None: all).
+        Same numbers, less memory for the attention scores, on the eager path."""
+        heads = self.config.num_attention_heads
+        size = {"auto": max(1, heads // 2), "max": 1}.get(slice_size, slice_size) if isinstance(slice_size, str) \
+            else slice_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"slice_size={slice_size!r}: expected 'auto', 'max', None or a positive number of heads")
+        for module in self.modules():
+            if isinstance(module, LensJointAttention):
+                module.slice_size = size
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+    def set_attention_backend(self, backend: str) -> None:
+        raise NotImplementedError(f"set_attention_backend({backend!r}): lens_fast chooses its attention kernel "
+                                  "per call (LENS_FAST_BACKEND, lens_fast.ops.attention); set that instead")
 
-    def enable_gradient_checkpointing(self):
-        self.gradient_checkpointing = True
+    def enable_xformers_memory_efficient_attention(self, *args, **kwargs):
+        raise NotImplementedError("xformers attention: lens_fast uses its own attention kernels "
+                                  "(lens_fast.ops.attention); nothing to enable")
 
-    def disable_gradient_checkpointing(self):
-        self.gradient_checkpointing = False
+    def uses_reference_attention(self) -> bool:
+        """Whether every attention runs lens_fast's own processor without slicing (what the
+        fast path requires)."""
+        return all(type(m.processor) is LensAttnProcessor and m.slice_size is None
+                   for m in self.modules() if isinstance(m, LensJointAttention))
 
     def fuse_projections(self) -> "LensTransformer2DModel":
         """Inference layout: every SwiGLU's w1 and w3 become one [2F, dim] weight (one GEMM
@@ -406,7 +448,7 @@ class LensTransformer2DModel(ModelLoadingMixin, nn.Module):
         else:
             for block, block_mask in zip(self.transformer_blocks, masks):
                 if torch.is_grad_enabled() and self.gradient_checkpointing:
-                    img, txt = checkpoint(block, img, txt, temb, rope, block_mask, use_reentrant=False)
+                    img, txt = self._gradient_checkpointing_func(block, img, txt, temb, rope, block_mask)
                 else:
                     img, txt = block(img, txt, temb, rope, block_mask)
         out = self.project_output(img, self.norm_out.modulation(temb, img.dtype))

@@ -55,7 +55,7 @@ class ReasoningSetup:
             from .integration import build_reasoner
 
             limit = {"max_new_tokens": self.limit["max_tokens"]} if self.limit else {}
-            pipe.reasoner = build_reasoner("local", pipe.text_encoder, system_prompt=self.system_prompt,
+            pipe.reasoner = build_reasoner("local", pipe.prompt_encoder, system_prompt=self.system_prompt,
                                            cache_dir=self.cache_dir, **limit)
         else:
             pipe.reasoner = Reasoner(self.backend, self.system_prompt, cache_dir=self.cache_dir)

@@ -253,7 +253,8 @@ def sample_and_score(model, text_encoder, prompts: List[dict], sizes, cfg: DemoC
     from ..pipeline import LensPipeline
     from ..train.data import PixelSpace
 
-    pipe = LensPipeline(model.eval(), PixelSpace(cfg.pixel_patch), text_encoder, variant="lens")
+    pipe = LensPipeline(vae=PixelSpace(cfg.pixel_patch), text_encoder=text_encoder, transformer=model.eval(),
+                        lens_defaults=True)
     pipe.set_progress_bar_config(disable=True)
     texts = model_prompts(prompts, mode, cfg) if texts is None else list(texts)
     images, metas = [], []

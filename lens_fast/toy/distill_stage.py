@@ -90,7 +90,8 @@ def _pipeline(model, text_encoder, demo: DemoConfig, variant: str):
     from ..pipeline import LensPipeline
     from ..train.data import PixelSpace
 
-    pipe = LensPipeline(model.eval(), PixelSpace(demo.pixel_patch), text_encoder, variant=variant)
+    pipe = LensPipeline(vae=PixelSpace(demo.pixel_patch), text_encoder=text_encoder, transformer=model.eval(),
+                        lens_variant=variant, lens_defaults=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
