@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         patch_size=2, in_channels=128, out_channels=32, num_layers=args.layers, attention_head_dim=64,
         num_attention_heads=args.heads, enc_hidden_dim=256, axes_dims_rope=[16, 24, 24], gate_mlp=True,
         rms_norm=True, multi_layer_encoder_feature=True, selected_layer_index=[0, 1]), 0, std=0.02).eval()
-    pipe = LensPipeline(model.to(device, dtype), LensVAE(make_tiny_vae(0)).to(device), None, SCHEDULER)
+    pipe = LensPipeline(scheduler=SCHEDULER, vae=LensVAE(make_tiny_vae(0)).to(device), transformer=model.to(device, dtype))
     pipe.set_progress_bar_config(disable=True)
     names = resolve_targets(model, args.targets.split(","))
     folder = tempfile.mkdtemp()

@@ -224,7 +224,7 @@ def test_fp8_layers_add_the_delta_in_high_precision_and_fuse_exactly():
 
 
 def _pipe(seed=0):
-    pipe = LensPipeline(make_tiny_transformer(seed), LensVAE(make_tiny_vae(seed)), None, SCHEDULER)
+    pipe = LensPipeline(scheduler=SCHEDULER, vae=LensVAE(make_tiny_vae(seed)), transformer=make_tiny_transformer(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
