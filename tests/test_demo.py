@@ -98,3 +98,18 @@ def test_quick_captions_ablation_reports_every_arm_under_both_prompt_modes(tmp_p
             assert set(sc["per_tag"]) == set(TAG_ORDER)
     md = (out / "report.md").read_text()
     assert all(f"| {m} | " in md for m in report) and md.count("rewritten") >= 4
+
+
+def test_a_run_folder_of_an_older_demo_version_still_loads(tmp_path):
+    """Older demos wrote keys the config no longer has (max_train_seconds before the fixed
+    step budget): the folder's model and config still load."""
+    import json
+    from dataclasses import asdict
+
+    from lens_fast.toy.demo import build_config, build_model, load_demo_model
+
+    cfg = build_config(True)
+    build_model(cfg).save_pretrained(str(tmp_path / "transformer"))
+    (tmp_path / "report.json").write_text(json.dumps({"config": {**asdict(cfg), "max_train_seconds": 480}}))
+    model, loaded = load_demo_model(str(tmp_path))
+    assert loaded == cfg and sum(p.numel() for p in model.parameters()) > 0

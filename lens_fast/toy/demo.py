@@ -40,6 +40,7 @@ each (600; 40 with ``--quick``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -408,8 +409,11 @@ def load_demo_model(run_dir: str):
                                 "finished `lens-fast demo` run")
     with open(path, encoding="utf-8") as f:
         values = json.load(f)["config"]
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    # Keys of older demo versions (e.g. max_train_seconds before the fixed step budget) describe
+    # how the run was trained, not the model: left out, so older run folders still load.
     values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-              for k, v in values.items()}
+              for k, v in values.items() if k in known}
     cfg = DemoConfig(**values)
     return LensTransformer2DModel.from_pretrained(os.path.join(run_dir, "transformer")), cfg
 
