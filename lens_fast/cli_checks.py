@@ -11,6 +11,7 @@ where the output will go.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import tempfile
@@ -64,6 +65,18 @@ def number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool
         return v
     parse.__name__ = "number"
     return parse
+
+
+def load_named(spec: str, what: str):
+    """The object ``package.module:name`` names (a user's reward, rewriter, metric factory),
+    or ``InvalidValue`` starting with ``what`` (the option and its value) and saying why."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise InvalidValue(f"{what}: expected 'package.module:name'")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise InvalidValue(f"{what}: cannot load {attr!r} from {module!r} ({e})") from None
 
 
 def check_device(flag: str, value: Optional[str]) -> None:

@@ -303,3 +303,28 @@ def test_user_errors_interrupts_and_argparse_exits(capsys):
     assert run_cli("lens-fast", interrupted, []) == 130
     assert cli.main(["--help"]) == 0 and "generate" in capsys.readouterr().out
     assert cli.main(["nope"]) == 2
+
+
+def test_named_objects_load_or_fail_in_one_line_naming_the_option():
+    """`package.module:name` options (RL rewards and rewriters, reasoner metrics) share one
+    loader: the object, or an InvalidValue starting with the option and its value."""
+    from lens_fast.train.rollout import named_rewrite
+
+    from lens_fast.cli_checks import load_named
+    from lens_fast.errors import InvalidValue
+    from lens_fast.reasoner.metrics import load_metric
+    from lens_fast.rl.registry import build_reward
+
+    assert load_named("os.path:join", "--x") is os.path.join
+    for spec, why in (("os.path", "expected 'package.module:name'"), (":join", "expected 'package.module:name'"),
+                      ("no_such_module_xyz:f", "cannot load 'f' from 'no_such_module_xyz'"),
+                      ("os.path:no_such_name", "cannot load 'no_such_name' from 'os.path'")):
+        with pytest.raises(InvalidValue, match=f"^--x: {why}"):
+            load_named(spec, "--x")
+    with pytest.raises(InvalidValue, match="^rl.rewards has 'os.path:nope': cannot load 'nope'"):
+        build_reward({"os.path:nope": 1.0})
+    with pytest.raises(InvalidValue, match="^rl.rewrite='os:nope': cannot load 'nope'"):
+        named_rewrite("os:nope")
+    with pytest.raises(InvalidValue, match="^--metric 'os:nope': cannot load 'nope'"):
+        load_metric("os:nope")
+    assert named_rewrite(None) is None and named_rewrite("toy").__name__ == "layout_rewrite"

@@ -9,14 +9,13 @@ resume: nothing but the step count needs saving.
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from lens_fast.errors import InvalidValue
+from lens_fast.cli_checks import load_named
 from lens_fast.models.transformer import LensTransformer2DModel
 from lens_fast.pipeline import LensPipeline
 
@@ -106,11 +105,7 @@ def named_rewrite(name: Optional[str]) -> Optional[Callable[[str, np.random.Gene
     above the trainer) or ``package.module:function`` taking (prompt, numpy Generator)."""
     if not name:
         return None
-    module, _, attr = ("lens_fast.toy.rewrite:layout_rewrite" if name == "toy" else name).partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise InvalidValue(f"rl.rewrite={name!r}: expected 'toy' or 'package.module:function' ({e})") from None
+    return load_named("lens_fast.toy.rewrite:layout_rewrite" if name == "toy" else name, f"rl.rewrite={name!r}")
 
 
 def rollout_noise(seed: int, step: int, first: int, count: int, shape, device) -> torch.Tensor:

@@ -20,6 +20,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Protocol, Sequence, runtime_checkable
 
+from ..cli_checks import load_named
 from ..errors import InvalidValue
 
 SPLITS = ("dev", "test")
@@ -59,11 +60,7 @@ def load_metric(spec: str, **kwargs) -> PromptMetric:
         raise InvalidValue(f"--metric {spec!r}: expected 'toy:RUN_DIR' or 'package.module:factory'")
     if kind == "toy":  # the toy world's metric lives with the toy world (a floor above the reasoner)
         return importlib.import_module("lens_fast.toy.prompt_metric").ShapeEvalMetric(rest, **kwargs)
-    try:
-        factory = getattr(importlib.import_module(kind), rest)
-    except (ImportError, AttributeError) as e:
-        raise InvalidValue(f"--metric {spec!r}: cannot load {rest!r} from {kind!r} ({e})") from None
-    metric = factory(**kwargs)
+    metric = load_named(spec, f"--metric {spec!r}")(**kwargs)
     if not isinstance(metric, PromptMetric):
         raise TypeError(f"--metric {spec!r} built {type(metric).__name__}; expected an object with name, "
                         "fingerprint(), requests(split) and score(requests, prompts, seed)")

@@ -5,18 +5,10 @@ import importlib
 from typing import Dict, Optional
 
 from ..chat_api import ChatEndpoint
+from ..cli_checks import load_named
 from ..errors import InvalidValue
 from .judge import RubricJudge
 from .rewards import WeightedReward
-
-
-def _load_factory(spec: str):
-    module, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise InvalidValue(f"rl.rewards has {spec!r}: cannot load {attr!r} from {module!r} ({e})") from None
-    return factory
 
 
 def build_reward(weights: Dict[str, float], judge_env: str = "LENS_JUDGE", cache_dir: Optional[str] = None,
@@ -33,7 +25,7 @@ def build_reward(weights: Dict[str, float], judge_env: str = "LENS_JUDGE", cache
             endpoint = ChatEndpoint.from_env(judge_env, **(judge_options or {}))
             parts.append((RubricJudge(endpoint, cache_dir=cache_dir), float(w)))
         elif ":" in name:
-            parts.append((_load_factory(name)(), float(w)))
+            parts.append((load_named(name, f"rl.rewards has {name!r}")(), float(w)))
         else:
             raise InvalidValue(f"rl.rewards has {name!r}; expected 'shapeeval', 'judge' or 'package.module:factory'")
     return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedReward(parts)
