@@ -40,13 +40,12 @@ each (600; 40 with ``--quick``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -409,7 +408,7 @@ def load_demo_model(run_dir: str):
                                 "finished `lens-fast demo` run")
     with open(path, encoding="utf-8") as f:
         values = json.load(f)["config"]
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    known = {f.name for f in fields(DemoConfig)}
     # Keys of older demo versions (e.g. max_train_seconds before the fixed step budget) describe
     # how the run was trained, not the model: left out, so older run folders still load.
     values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
